@@ -1,0 +1,1 @@
+"""Email-archive ingestion service: a gRPC server, transcoded to REST by Envoy."""

@@ -1,0 +1,1 @@
+"""gRPC servicers: translate proto <-> domain calls, nothing more."""

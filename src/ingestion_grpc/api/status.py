@@ -1,0 +1,65 @@
+"""The error tree -> gRPC status, with google.rpc details where they help."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from ingestion_grpc import errors
+
+# Over REST, Envoy maps these on: INVALID_ARGUMENT and FAILED_PRECONDITION
+# 400, UNAUTHENTICATED 401, PERMISSION_DENIED 403, NOT_FOUND 404, ABORTED 409,
+# UNAVAILABLE 503.
+_CODES: list[tuple[type[errors.IngestionError], int]] = [
+    (errors.InvalidArgument, code_pb2.INVALID_ARGUMENT),
+    (errors.ConnectionCheckFailed, code_pb2.INVALID_ARGUMENT),
+    (errors.FailedPrecondition, code_pb2.FAILED_PRECONDITION),
+    (errors.Unauthenticated, code_pb2.UNAUTHENTICATED),
+    (errors.PermissionDenied, code_pb2.PERMISSION_DENIED),
+    (errors.NotFound, code_pb2.NOT_FOUND),
+    (errors.Conflict, code_pb2.ABORTED),
+    (errors.Unavailable, code_pb2.UNAVAILABLE),
+]
+
+
+def to_status(error: errors.IngestionError) -> grpc.Status:
+    code = next((c for cls, c in _CODES if isinstance(error, cls)), code_pb2.INTERNAL)
+    status = status_pb2.Status(code=code, message=_message(error))
+    if isinstance(error, errors.InvalidArgument):
+        _attach(
+            status,
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=error.field, description=error.description
+                    )
+                ]
+            ),
+        )
+    elif isinstance(error, errors.ConnectionCheckFailed):
+        _attach(
+            status,
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field="providerConfig", description=str(error)
+                    )
+                ]
+            ),
+        )
+    result: grpc.Status = rpc_status.to_status(status)
+    return result
+
+
+def _message(error: errors.IngestionError) -> str:
+    if isinstance(error, errors.ConnectionCheckFailed):
+        return f"Connection check failed: {error}"
+    return str(error)
+
+
+def _attach(status: status_pb2.Status, detail: error_details_pb2.BadRequest) -> None:
+    packed = any_pb2.Any()
+    packed.Pack(detail)
+    status.details.append(packed)

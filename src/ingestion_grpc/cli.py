@@ -1,0 +1,64 @@
+"""`ingestion-grpc`: run the stack, or create a user.
+
+    ingestion-grpc run                                  the whole stack (make run)
+    ingestion-grpc create-user EMAIL --role user        prompts for the password
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+
+from ingestion_grpc.auth.permissions import Role
+from ingestion_grpc.auth.services import create_user
+from ingestion_grpc.config import Settings
+from ingestion_grpc.db.migrate import upgrade_to_head
+from ingestion_grpc.db.session import Database
+from ingestion_grpc.errors import IngestionError
+
+
+def _create_user(args: argparse.Namespace) -> int:
+    password = os.environ.get("NEW_USER_PASSWORD") or getpass.getpass("Password: ")
+    database = Database(Settings.from_env().database_url)
+    try:
+        upgrade_to_head(database.engine)
+        with database.unit_of_work() as uow:
+            user = create_user(uow, args.email, password, Role(args.role))
+            uow.commit()
+    except IngestionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        database.dispose()
+    print(f"created {user.role} {user.email} ({user.id})")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ingestion_grpc.stack import run_stack
+
+    return run_stack()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ingestion-grpc")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="start the whole stack in the foreground").set_defaults(
+        handler=_run
+    )
+    user = commands.add_parser(
+        "create-user",
+        help="create a user (password from NEW_USER_PASSWORD or a prompt)",
+    )
+    user.add_argument("email")
+    user.add_argument("--role", choices=[r.value for r in Role], default=Role.USER.value)
+    user.set_defaults(handler=_create_user)
+    args = parser.parse_args(argv)
+    result: int = args.handler(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Process configuration, read once from the environment.
+
+The server and the workers need every value here to be explicit; `ingestion-grpc
+run` (the `make run` stack) fills in embedded defaults before it starts them.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from ingestion_grpc.errors import ConfigurationError
+
+_DURATION = re.compile(r"^(\d+)\s*([smhd]?)$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, variable: str) -> timedelta:
+    """Parse `3600`, `90s`, `15m`, `12h` or `7d`."""
+    match = _DURATION.match(text.strip().lower())
+    if not match or int(match.group(1)) <= 0:
+        raise ConfigurationError(f"{variable} must be a positive duration like 7d, 12h or 300s")
+    return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+
+
+def parse_bool(text: str, variable: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ConfigurationError(f"{variable} must be true or false")
+
+
+def decode_encryption_key(text: str) -> bytes:
+    """Accept a 32-byte key as 64 hex digits or as (url-safe) base64."""
+    text = text.strip()
+    try:
+        key = (
+            bytes.fromhex(text)
+            if re.fullmatch(r"[0-9a-fA-F]{64}", text)
+            else (base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+        )
+    except ValueError as exc:
+        raise ConfigurationError("ENCRYPTION_KEY is neither hex nor base64") from exc
+    if len(key) != 32:
+        raise ConfigurationError("ENCRYPTION_KEY must encode exactly 32 bytes (AES-256)")
+    return key
+
+
+def _required(environ: dict[str, str] | os._Environ[str], name: str) -> str:
+    value = environ.get(name, "").strip()
+    if not value:
+        raise ConfigurationError(f"{name} is not set")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a server or worker process needs to run."""
+
+    data_dir: Path
+    database_url: str
+    redis_url: str
+    jwt_secret: str
+    jwt_expires_in: timedelta
+    encryption_key: bytes
+    grpc_port: int
+    enable_deletion_default: bool
+    sync_interval: timedelta
+    import_root: Path
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | os._Environ[str] = os.environ) -> Settings:
+        data_dir = Path(environ.get("DATA_DIR", "./data")).resolve()
+        return cls(
+            data_dir=data_dir,
+            database_url=_required(environ, "DATABASE_URL"),
+            redis_url=_required(environ, "REDIS_URL"),
+            jwt_secret=_required(environ, "JWT_SECRET"),
+            jwt_expires_in=parse_duration(environ.get("JWT_EXPIRES_IN", "7d"), "JWT_EXPIRES_IN"),
+            encryption_key=decode_encryption_key(_required(environ, "ENCRYPTION_KEY")),
+            grpc_port=int(environ.get("GRPC_PORT", "50051")),
+            enable_deletion_default=parse_bool(
+                environ.get("ENABLE_DELETION", "false"), "ENABLE_DELETION"
+            ),
+            sync_interval=parse_duration(environ.get("SYNC_INTERVAL", "5m"), "SYNC_INTERVAL"),
+            import_root=Path(environ.get("IMPORT_ROOT", str(data_dir / "imports"))).resolve(),
+        )

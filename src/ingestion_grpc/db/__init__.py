@@ -1,0 +1,1 @@
+"""Persistence: ORM models, the unit of work, and Alembic migrations."""

@@ -1,0 +1,1 @@
+"""The ingestion source's life cycle and the operations on it."""

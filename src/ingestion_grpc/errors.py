@@ -1,0 +1,56 @@
+"""The one error tree of the service. Callers catch the level they mean.
+
+The API layer maps each class to a gRPC status (`api/status.py`); messages are
+written for the person reading them and never contain a credential.
+"""
+
+from __future__ import annotations
+
+
+class IngestionError(Exception):
+    """Root of every error this service raises on purpose."""
+
+
+class ConfigurationError(IngestionError):
+    """Raised when the process environment is missing or has a bad value."""
+
+
+class InvalidArgument(IngestionError):
+    """Raised when a request field is wrong; `field` names it (JSON spelling)."""
+
+    def __init__(self, field: str, description: str) -> None:
+        super().__init__(f"{field}: {description}")
+        self.field = field
+        self.description = description
+
+
+class NotFound(IngestionError):
+    """Raised when a resource does not exist or the caller may not see it."""
+
+
+class Conflict(IngestionError):
+    """Raised when the resource is in a state that forbids the request."""
+
+
+class FailedPrecondition(IngestionError):
+    """Raised when the instance's settings forbid the request."""
+
+
+class Unauthenticated(IngestionError):
+    """Raised when the caller's credentials are missing or not valid."""
+
+
+class PermissionDenied(IngestionError):
+    """Raised when the caller lacks the permission a method needs."""
+
+
+class Unavailable(IngestionError):
+    """Raised when a dependency (database, broker) cannot be reached now."""
+
+
+class ConnectionCheckFailed(IngestionError):
+    """Raised when a provider rejects or cannot be reached with a source's settings."""
+
+
+class ProviderAuthError(ConnectionCheckFailed):
+    """Raised when a provider refuses the credentials; retrying will not help."""

@@ -1,0 +1,1 @@
+"""Background work: the queue the API sends to, and the Dramatiq actors."""

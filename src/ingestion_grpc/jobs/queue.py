@@ -1,0 +1,51 @@
+"""The job queue the domain sends runs to."""
+
+from __future__ import annotations
+
+import dramatiq
+from dramatiq.brokers.redis import RedisBroker
+
+from ingestion_grpc.domain.states import RunKind
+from ingestion_grpc.errors import Unavailable
+from ingestion_grpc.jobs import messages
+
+_ACTOR_FOR_RUN = {RunKind.IMPORT: messages.IMPORT_SOURCE, RunKind.SYNC: messages.SYNC_SOURCE}
+
+
+def redis_broker(redis_url: str, namespace: str = "dramatiq") -> RedisBroker:
+    return RedisBroker(url=redis_url, namespace=namespace)  # type: ignore[no-untyped-call]
+
+
+class JobQueue:
+    """Interface: queue a run of a source. Implementations name their backend."""
+
+    def enqueue_run(self, source_id: str, kind: RunKind) -> None:
+        raise NotImplementedError
+
+    def ping(self) -> None:
+        """Raise Unavailable if the queue cannot take jobs now."""
+        raise NotImplementedError
+
+
+class DramatiqJobQueue(JobQueue):
+    def __init__(self, broker: RedisBroker) -> None:
+        self._broker = broker
+
+    def enqueue_run(self, source_id: str, kind: RunKind) -> None:
+        message: dramatiq.Message[None] = dramatiq.Message(
+            queue_name=messages.QUEUE,
+            actor_name=_ACTOR_FOR_RUN[kind],
+            args=(source_id,),
+            kwargs={},
+            options={},
+        )
+        try:
+            self._broker.enqueue(message)
+        except Exception as exc:
+            raise Unavailable("The job queue is unavailable; try again shortly.") from exc
+
+    def ping(self) -> None:
+        try:
+            self._broker.client.ping()
+        except Exception as exc:
+            raise Unavailable("The job queue is unavailable.") from exc

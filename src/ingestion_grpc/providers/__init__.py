@@ -1,0 +1,1 @@
+"""Providers: one module per kind of mail store, behind `base.Provider`."""

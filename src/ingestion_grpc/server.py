@@ -1,0 +1,182 @@
+"""The gRPC server: `python -m ingestion_grpc.server`.
+
+Applies migrations, makes sure the first admin and the settings row exist,
+then serves the API with health checking and reflection. SIGTERM / SIGINT
+stop it gracefully: in-flight calls get a grace period to finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from ingestion.v1 import (
+    auth_service_pb2,
+    auth_service_pb2_grpc,
+    ingestion_service_pb2,
+    ingestion_service_pb2_grpc,
+    settings_service_pb2,
+    settings_service_pb2_grpc,
+)
+
+from ingestion_grpc.api.auth import ApiKeyServicer, AuthServicer
+from ingestion_grpc.api.ingestion import IngestionServicer
+from ingestion_grpc.api.interceptors import AuthInterceptor, ErrorInterceptor
+from ingestion_grpc.api.settings import SettingsServicer
+from ingestion_grpc.auth.services import ensure_first_admin
+from ingestion_grpc.config import Settings
+from ingestion_grpc.crypto import CredentialCipher
+from ingestion_grpc.db.migrate import upgrade_to_head
+from ingestion_grpc.db.session import Database, ping
+from ingestion_grpc.domain.settings import ensure_settings
+from ingestion_grpc.domain.sources import SourceService
+from ingestion_grpc.jobs.queue import DramatiqJobQueue, JobQueue, redis_broker
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ADMIN_EMAIL = "admin@example.com"
+HEALTH_PERIOD_SECONDS = 2.0
+SHUTDOWN_GRACE_SECONDS = 10.0
+SERVICE_NAMES = (
+    ingestion_service_pb2.DESCRIPTOR.services_by_name["IngestionService"].full_name,
+    auth_service_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name,
+    auth_service_pb2.DESCRIPTOR.services_by_name["ApiKeyService"].full_name,
+    settings_service_pb2.DESCRIPTOR.services_by_name["SettingsService"].full_name,
+)
+
+
+@dataclass
+class RunningServer:
+    """A started server, its port, and what must be closed with it."""
+
+    server: grpc.Server
+    port: int
+    database: Database
+    health: health.HealthServicer
+    _stop_watching: threading.Event
+
+    def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
+        self._stop_watching.set()
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.database.dispose()
+
+
+def prepare_database(
+    database: Database, settings: Settings, admin_email: str, admin_password: str | None
+) -> None:
+    """Migrate, then create the settings row and, on an empty instance, the admin."""
+    upgrade_to_head(database.engine)
+    with database.unit_of_work() as uow:
+        ensure_settings(uow, settings.enable_deletion_default)
+        generated = ensure_first_admin(uow, admin_email, admin_password)
+        uow.commit()
+    if generated:
+        # Shown once, on the console of the first start; never stored in clear.
+        print(
+            f"Created the first admin {admin_email} with password: {generated}\n"
+            "Keep it now: it is not shown again.",
+            flush=True,
+        )
+
+
+def _watch_health(
+    database: Database, jobs: JobQueue, servicer: health.HealthServicer, stop: threading.Event
+) -> None:
+    while True:
+        try:
+            ping(database.engine)
+            jobs.ping()
+            status = health_pb2.HealthCheckResponse.SERVING
+        except Exception:
+            log.warning("database or job queue unreachable; reporting NOT_SERVING")
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *SERVICE_NAMES):
+            servicer.set(name, status)
+        if stop.wait(HEALTH_PERIOD_SECONDS):
+            return
+
+
+def start_server(
+    settings: Settings,
+    *,
+    port: int | None = None,
+    jobs: JobQueue | None = None,
+    admin_email: str = DEFAULT_ADMIN_EMAIL,
+    admin_password: str | None = None,
+) -> RunningServer:
+    """Build and start a server; `port=0` picks a free one (tests)."""
+    database = Database(settings.database_url)
+    prepare_database(database, settings, admin_email, admin_password)
+    jobs = jobs or DramatiqJobQueue(redis_broker(settings.redis_url))
+    sources = SourceService(database, CredentialCipher(settings.encryption_key), jobs)
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rpc"),
+        interceptors=[ErrorInterceptor(), AuthInterceptor(database, settings.jwt_secret)],
+    )
+    ingestion_service_pb2_grpc.add_IngestionServiceServicer_to_server(
+        IngestionServicer(database, sources), server
+    )
+    auth_service_pb2_grpc.add_AuthServiceServicer_to_server(
+        AuthServicer(database, settings.jwt_secret, settings.jwt_expires_in), server
+    )
+    auth_service_pb2_grpc.add_ApiKeyServiceServicer_to_server(ApiKeyServicer(database), server)
+    settings_service_pb2_grpc.add_SettingsServiceServicer_to_server(
+        SettingsServicer(database), server
+    )
+    health_servicer = health.HealthServicer()
+    for name in ("", *SERVICE_NAMES):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    bound = server.add_insecure_port(f"[::]:{settings.grpc_port if port is None else port}")
+    server.start()
+
+    stop_watching = threading.Event()
+    threading.Thread(
+        target=_watch_health,
+        args=(database, jobs, health_servicer, stop_watching),
+        name="health",
+        daemon=True,
+    ).start()
+    return RunningServer(server, bound, database, health_servicer, stop_watching)
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    settings = Settings.from_env()
+    running = start_server(
+        settings,
+        admin_email=os.environ.get("ADMIN_EMAIL", DEFAULT_ADMIN_EMAIL),
+        admin_password=os.environ.get("ADMIN_PASSWORD") or None,
+    )
+    log.info("gRPC server listening on port %d", running.port)
+
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopping.wait()
+    log.info("shutting down")
+    running.stop()
+
+
+if __name__ == "__main__":
+    main()

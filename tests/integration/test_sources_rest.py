@@ -1,0 +1,243 @@
+"""The documented Ingestion API through Envoy: status codes, bodies, states."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+
+from ingestion_grpc.jobs import messages
+from tests.support.rest import Rest
+from tests.support.services import REDIS_URL
+
+SOURCE_FIELDS = {
+    "id",
+    "name",
+    "provider",
+    "status",
+    "createdAt",
+    "updatedAt",
+    "lastSyncStatusMessage",
+}
+ACCEPTED = {"message": "Operation completed successfully."}
+SERVICE_ACCOUNT_KEY = json.dumps(
+    {
+        "type": "service_account",
+        "client_email": "archiver@example-project.iam.gserviceaccount.com",
+        "private_key": "-----BEGIN PRIVATE KEY-----\nTOP-SECRET-KEY-MATERIAL\n-----END PRIVATE KEY-----\n",
+        "token_uri": "https://oauth2.googleapis.com/token",
+    }
+)
+GOOGLE_CONFIG = {
+    "serviceAccountKeyJson": SERVICE_ACCOUNT_KEY,
+    "impersonatedAdminEmail": "admin@corp.example.com",
+}
+M365_CONFIG = {"tenantId": "tenant-1", "clientId": "client-1", "clientSecret": "m365-secret-XYZ"}
+
+
+def queued(namespace: str, source_id: str) -> list[str]:
+    """Actor names of the messages waiting on the real Redis queue for a source."""
+    client = redis.Redis.from_url(REDIS_URL)
+    raw = client.hgetall(f"{namespace}:{messages.QUEUE}.msgs")
+    client.close()
+    names = []
+    for body in raw.values():
+        message = json.loads(body)
+        if message["args"] == [source_id]:
+            names.append(message["actor_name"])
+    return sorted(names)
+
+
+@pytest.fixture
+def user(make_client: Callable[[str], Rest]) -> Rest:
+    return make_client("user")
+
+
+def create(client: Rest, provider: str = "google_workspace", **overrides: object) -> dict:
+    config = {"google_workspace": GOOGLE_CONFIG, "microsoft_365": M365_CONFIG}[provider]
+    body = {"name": "Company Google Workspace", "provider": provider, "providerConfig": config}
+    body.update(overrides)
+    response = client.post("/v1/ingestion-sources", json=body)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+@pytest.fixture
+def idle_source(user: Rest) -> Iterator[dict]:
+    """A source whose initial import has been queued, then set back to idle."""
+    source = create(user)
+    assert user.post(f"/v1/ingestion-sources/{source['id']}/pause").status_code == 200
+    resumed = user.put(f"/v1/ingestion-sources/{source['id']}", json={"status": "active"})
+    assert resumed.json()["status"] == "active"
+    yield resumed.json()
+
+
+def test_create_returns_201_with_exactly_the_documented_fields(
+    user: Rest, queue_namespace: str
+) -> None:
+    source = create(user)
+    assert set(source) == SOURCE_FIELDS
+    assert source["name"] == "Company Google Workspace"
+    assert source["provider"] == "google_workspace"
+    assert source["status"] == "importing"
+    assert source["lastSyncStatusMessage"] == ""
+    assert source["createdAt"].endswith("Z")
+    assert queued(queue_namespace, source["id"]) == [messages.IMPORT_SOURCE]
+
+
+def test_list_is_a_bare_array_of_the_callers_sources(
+    make_client: Callable[[str], Rest], admin: Rest
+) -> None:
+    alice, bob = make_client("user"), make_client("user")
+    assert alice.get("/v1/ingestion-sources").json() == []
+    first = create(alice, name="first")
+    second = create(alice, provider="microsoft_365", name="second")
+    theirs = create(bob, name="bob's")
+
+    listed = alice.get("/v1/ingestion-sources")
+    assert listed.status_code == 200
+    assert [s["id"] for s in listed.json()] == [second["id"], first["id"]]
+    everything = {s["id"] for s in admin.get("/v1/ingestion-sources").json()}
+    assert {first["id"], second["id"], theirs["id"]} <= everything
+
+
+def test_get_returns_the_source_and_404_for_unknown_or_foreign_ids(
+    make_client: Callable[[str], Rest], admin: Rest
+) -> None:
+    alice, bob = make_client("user"), make_client("user")
+    source = create(alice)
+    got = alice.get(f"/v1/ingestion-sources/{source['id']}")
+    assert got.status_code == 200
+    assert got.json() == source | {"updatedAt": got.json()["updatedAt"]}
+
+    foreign = bob.get(f"/v1/ingestion-sources/{source['id']}")
+    missing = bob.get("/v1/ingestion-sources/00000000-0000-0000-0000-000000000000")
+    assert foreign.status_code == missing.status_code == 404
+    assert foreign.json()["code"] == 5
+    assert source["id"] in foreign.json()["message"]
+    assert admin.get(f"/v1/ingestion-sources/{source['id']}").status_code == 200
+
+
+def test_update_changes_name_and_pause_resume(user: Rest) -> None:
+    source = create(user)
+    renamed = user.put(f"/v1/ingestion-sources/{source['id']}", json={"name": "Renamed"})
+    assert renamed.status_code == 200
+    assert renamed.json()["name"] == "Renamed"
+    assert set(renamed.json()) == SOURCE_FIELDS
+
+    paused = user.put(f"/v1/ingestion-sources/{source['id']}", json={"status": "paused"})
+    assert paused.json()["status"] == "paused"
+    resumed = user.put(f"/v1/ingestion-sources/{source['id']}", json={"status": "active"})
+    assert resumed.json()["status"] == "active"
+
+
+@pytest.mark.parametrize("status", ["error", "importing", "syncing", "imported", "bogus"])
+def test_update_refuses_engine_statuses(user: Rest, status: str) -> None:
+    source = create(user)
+    response = user.put(f"/v1/ingestion-sources/{source['id']}", json={"status": status})
+    assert response.status_code == 400
+    assert response.json()["details"][0]["fieldViolations"][0]["field"] == "status"
+
+
+def test_update_to_another_provider_needs_its_complete_config(user: Rest) -> None:
+    source = create(user)
+    path = f"/v1/ingestion-sources/{source['id']}"
+    missing = user.put(path, json={"provider": "microsoft_365"})
+    assert missing.status_code == 400
+    assert "providerConfig" in missing.json()["message"]
+    partial = user.put(
+        path, json={"provider": "microsoft_365", "providerConfig": {"tenantId": "t"}}
+    )
+    assert partial.status_code == 400
+    assert "providerConfig.clientId" in partial.json()["message"]
+    changed = user.put(path, json={"provider": "microsoft_365", "providerConfig": M365_CONFIG})
+    assert changed.status_code == 200
+    assert changed.json()["provider"] == "microsoft_365"
+
+
+def test_pause_returns_the_paused_source(user: Rest) -> None:
+    source = create(user)
+    response = user.post(f"/v1/ingestion-sources/{source['id']}/pause")
+    assert response.status_code == 200
+    assert response.json()["status"] == "paused"
+    assert set(response.json()) == SOURCE_FIELDS
+
+
+def test_import_is_accepted_once_and_queued(
+    user: Rest, idle_source: dict, queue_namespace: str
+) -> None:
+    path = f"/v1/ingestion-sources/{idle_source['id']}/import"
+    before = queued(queue_namespace, idle_source["id"])
+    accepted = user.post(path)
+    assert accepted.status_code == 202
+    assert accepted.json() == ACCEPTED
+    assert user.get(f"/v1/ingestion-sources/{idle_source['id']}").json()["status"] == "importing"
+
+    again = user.post(path)
+    assert again.status_code == 409
+    assert "already running" in again.json()["message"]
+    assert queued(queue_namespace, idle_source["id"]) == sorted(
+        [*before, messages.IMPORT_SOURCE]
+    )
+
+
+def test_sync_is_accepted_and_conflicts_while_running_or_paused(
+    user: Rest, idle_source: dict, queue_namespace: str
+) -> None:
+    path = f"/v1/ingestion-sources/{idle_source['id']}/sync"
+    accepted = user.post(path)
+    assert (accepted.status_code, accepted.json()) == (202, ACCEPTED)
+    assert user.get(f"/v1/ingestion-sources/{idle_source['id']}").json()["status"] == "syncing"
+    assert messages.SYNC_SOURCE in queued(queue_namespace, idle_source["id"])
+    assert user.post(path).status_code == 409
+
+    user.post(f"/v1/ingestion-sources/{idle_source['id']}/pause")
+    paused = user.post(path)
+    assert paused.status_code == 409
+    assert "paused" in paused.json()["message"]
+
+
+def test_concurrent_imports_start_exactly_one_run(
+    user: Rest, idle_source: dict, queue_namespace: str
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = f"/v1/ingestion-sources/{idle_source['id']}/import"
+    before = queued(queue_namespace, idle_source["id"]).count(messages.IMPORT_SOURCE)
+    with ThreadPoolExecutor(8) as pool:
+        codes = sorted(pool.map(lambda _: user.post(path).status_code, range(8)))
+    assert codes == [202] + [409] * 7
+    after = queued(queue_namespace, idle_source["id"]).count(messages.IMPORT_SOURCE)
+    assert after == before + 1
+
+
+def test_delete_is_refused_until_enabled_then_204(user: Rest, admin: Rest) -> None:
+    source = create(user)
+    path = f"/v1/ingestion-sources/{source['id']}"
+    refused = user.delete(path)
+    assert refused.status_code == 400
+    assert refused.json()["message"] == "Deletion is disabled for this instance."
+    assert user.get(path).status_code == 200
+
+    assert admin.put("/v1/settings/system", json={"enableDeletion": True}).status_code == 200
+    try:
+        deleted = user.delete(path)
+        assert deleted.status_code == 204
+        assert deleted.content == b""
+        assert user.get(path).status_code == 404
+        assert user.delete(path).status_code == 404
+    finally:
+        admin.put("/v1/settings/system", json={"enableDeletion": False})
+
+
+def test_settings_read_and_write(admin: Rest) -> None:
+    assert admin.get("/v1/settings/system").json() == {"enableDeletion": False}
+    assert admin.put("/v1/settings/system", json={"enableDeletion": True}).json() == {
+        "enableDeletion": True
+    }
+    assert admin.put("/v1/settings/system", json={}).json() == {"enableDeletion": True}
+    assert admin.put("/v1/settings/system", json={"enableDeletion": False}).json() == {
+        "enableDeletion": False
+    }

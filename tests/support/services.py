@@ -1,0 +1,110 @@
+"""Fixtures for the real backing services: a fresh PostgreSQL database, a Redis
+namespace of our own, and the gRPC server running in this process."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import uuid
+from collections.abc import Callable, Iterator
+
+import psycopg
+import pytest
+import redis
+
+from ingestion_grpc.auth.permissions import Role
+from ingestion_grpc.auth.services import create_user
+from ingestion_grpc.config import Settings
+from ingestion_grpc.jobs.queue import DramatiqJobQueue, redis_broker
+from ingestion_grpc.server import RunningServer, start_server
+from tests.support.rest import Rest, unique_email
+
+ADMIN_EMAIL = "admin@example.com"
+ADMIN_PASSWORD = "admin-password-for-tests"
+POSTGRES_ADMIN_URL = os.environ.get(
+    "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def _database_url(name: str) -> str:
+    base, _, _ = POSTGRES_ADMIN_URL.rpartition("/")
+    return f"{base}/{name}"
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A database of this test run's own, dropped at the end."""
+    name = f"ingestion_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield _database_url(name)
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def queue_namespace() -> Iterator[str]:
+    """A Dramatiq namespace of this test run's own; its keys are removed after."""
+    namespace = f"ingestion-test-{uuid.uuid4().hex[:12]}"
+    yield namespace
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(f"{namespace}:*"):
+        client.delete(key)
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    data_dir = tmp_path_factory.mktemp("data")
+    return Settings.from_env(
+        {
+            "DATA_DIR": str(data_dir),
+            "DATABASE_URL": database_url,
+            "REDIS_URL": REDIS_URL,
+            "JWT_SECRET": secrets.token_urlsafe(32),
+            "ENCRYPTION_KEY": secrets.token_hex(32),
+            "GRPC_PORT": "0",
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def grpc_server(settings: Settings, queue_namespace: str) -> Iterator[RunningServer]:
+    running = start_server(
+        settings,
+        port=0,
+        jobs=DramatiqJobQueue(redis_broker(settings.redis_url, queue_namespace)),
+        admin_email=ADMIN_EMAIL,
+        admin_password=ADMIN_PASSWORD,
+    )
+    yield running
+    running.stop(grace=1)
+
+
+@pytest.fixture(scope="session")
+def rest_url(grpc_server: RunningServer, envoy_factory: Callable[[int], str]) -> str:
+    """Envoy in front of the test server: REST and native gRPC on one port."""
+    return envoy_factory(grpc_server.port)
+
+
+@pytest.fixture(scope="session")
+def admin(rest_url: str) -> Rest:
+    return Rest(rest_url).login(ADMIN_EMAIL, ADMIN_PASSWORD)
+
+
+@pytest.fixture(scope="session")
+def make_client(grpc_server: RunningServer, rest_url: str) -> Callable[[str], Rest]:
+    """`make_client(role)`: a new user with that role, signed in over REST."""
+
+    def make(role: str) -> Rest:
+        email = unique_email(role)
+        password = secrets.token_urlsafe(12)
+        with grpc_server.database.unit_of_work() as uow:
+            create_user(uow, email, password, Role(role))
+            uow.commit()
+        client = Rest(rest_url).login(email, password)
+        client.email = email
+        return client
+
+    return make
