@@ -54,3 +54,11 @@ class ConnectionCheckFailed(IngestionError):
 
 class ProviderAuthError(ConnectionCheckFailed):
     """Raised when a provider refuses the credentials; retrying will not help."""
+
+
+class ProviderUnavailable(IngestionError):
+    """Raised when a provider cannot be reached now; a later retry may succeed."""
+
+
+class ProviderDataError(IngestionError):
+    """Raised when a source's data cannot be read (a corrupt file); retrying will not help."""
