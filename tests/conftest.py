@@ -1,0 +1,25 @@
+"""Shared pytest fixtures. Each lives in tests/support/; register it here by import."""
+
+from tests.support.dovecot import dovecot
+from tests.support.envoy import envoy_factory
+from tests.support.services import (
+    admin,
+    database_url,
+    grpc_server,
+    make_client,
+    queue_namespace,
+    rest_url,
+    settings,
+)
+
+__all__ = [
+    "admin",
+    "database_url",
+    "dovecot",
+    "envoy_factory",
+    "grpc_server",
+    "make_client",
+    "queue_namespace",
+    "rest_url",
+    "settings",
+]
