@@ -26,6 +26,7 @@ GOOGLE_PROTOS = [
     "google/api/annotations.proto",
     "google/api/field_behavior.proto",
     "google/api/http.proto",
+    "google/api/httpbody.proto",
     "google/rpc/error_details.proto",
     "google/rpc/status.proto",
 ]

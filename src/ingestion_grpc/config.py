@@ -73,6 +73,9 @@ class Settings:
     enable_deletion_default: bool
     sync_interval: timedelta
     import_root: Path
+    queue_namespace: str
+    stale_run_after: timedelta
+    scheduler_tick: timedelta
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | os._Environ[str] = os.environ) -> Settings:
@@ -90,4 +93,7 @@ class Settings:
             ),
             sync_interval=parse_duration(environ.get("SYNC_INTERVAL", "5m"), "SYNC_INTERVAL"),
             import_root=Path(environ.get("IMPORT_ROOT", str(data_dir / "imports"))).resolve(),
+            queue_namespace=environ.get("QUEUE_NAMESPACE", "dramatiq"),
+            stale_run_after=parse_duration(environ.get("STALE_RUN_AFTER", "2m"), "STALE_RUN_AFTER"),
+            scheduler_tick=parse_duration(environ.get("SCHEDULER_TICK", "15s"), "SCHEDULER_TICK"),
         )

@@ -19,6 +19,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from ingestion.v1 import (
+    archive_service_pb2,
+    archive_service_pb2_grpc,
     auth_service_pb2,
     auth_service_pb2_grpc,
     ingestion_service_pb2,
@@ -27,10 +29,12 @@ from ingestion.v1 import (
     settings_service_pb2_grpc,
 )
 
+from ingestion_grpc.api.archive import ArchiveServicer
 from ingestion_grpc.api.auth import ApiKeyServicer, AuthServicer
 from ingestion_grpc.api.ingestion import IngestionServicer
 from ingestion_grpc.api.interceptors import AuthInterceptor, ErrorInterceptor
 from ingestion_grpc.api.settings import SettingsServicer
+from ingestion_grpc.archive.blobstore import blob_store_from_settings
 from ingestion_grpc.auth.services import ensure_first_admin
 from ingestion_grpc.config import Settings
 from ingestion_grpc.crypto import CredentialCipher
@@ -50,6 +54,7 @@ SERVICE_NAMES = (
     auth_service_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name,
     auth_service_pb2.DESCRIPTOR.services_by_name["ApiKeyService"].full_name,
     settings_service_pb2.DESCRIPTOR.services_by_name["SettingsService"].full_name,
+    archive_service_pb2.DESCRIPTOR.services_by_name["ArchiveService"].full_name,
 )
 
 
@@ -116,8 +121,9 @@ def start_server(
     """Build and start a server; `port=0` picks a free one (tests)."""
     database = Database(settings.database_url)
     prepare_database(database, settings, admin_email, admin_password)
-    jobs = jobs or DramatiqJobQueue(redis_broker(settings.redis_url))
-    sources = SourceService(database, CredentialCipher(settings.encryption_key), jobs)
+    jobs = jobs or DramatiqJobQueue(redis_broker(settings.redis_url, settings.queue_namespace))
+    blobs = blob_store_from_settings(settings.data_dir)
+    sources = SourceService(database, CredentialCipher(settings.encryption_key), jobs, blobs)
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rpc"),
@@ -132,6 +138,9 @@ def start_server(
     auth_service_pb2_grpc.add_ApiKeyServiceServicer_to_server(ApiKeyServicer(database), server)
     settings_service_pb2_grpc.add_SettingsServiceServicer_to_server(
         SettingsServicer(database), server
+    )
+    archive_service_pb2_grpc.add_ArchiveServiceServicer_to_server(
+        ArchiveServicer(database, blobs), server
     )
     health_servicer = health.HealthServicer()
     for name in ("", *SERVICE_NAMES):

@@ -12,7 +12,7 @@ from ingestion.v1 import ingestion_service_pb2_grpc, resources_pb2
 
 from ingestion_grpc.api.http import HttpStatus, set_http_status
 from ingestion_grpc.api.interceptors import current_principal
-from ingestion_grpc.api.mapping import source_to_proto
+from ingestion_grpc.api.mapping import source_to_proto, sync_session_to_proto
 from ingestion_grpc.db.session import Database
 from ingestion_grpc.domain.sources import SourceChanges, SourceService
 from ingestion_grpc.domain.states import RunKind
@@ -56,7 +56,9 @@ class IngestionServicer(ingestion_service_pb2_grpc.IngestionServiceServicer):
         # The whole list is read before the first message is sent, so an
         # error can still become a proper status.
         with self._database.unit_of_work() as uow:
-            messages = [source_to_proto(s) for s in self._sources.list(uow, current_principal())]
+            messages = [
+                source_to_proto(s) for s in self._sources.list_visible(uow, current_principal())
+            ]
         yield from messages
 
     def GetIngestionSource(
@@ -114,3 +116,15 @@ class IngestionServicer(ingestion_service_pb2_grpc.IngestionServiceServicer):
             uow.commit()
         set_http_status(context, HttpStatus.ACCEPTED)
         return pb.OperationAcceptedResponse(message=ACCEPTED_MESSAGE)
+
+    def ListSyncSessions(
+        self, request: pb.ListSyncSessionsRequest, context: grpc.ServicerContext
+    ) -> pb.ListSyncSessionsResponse:
+        with self._database.unit_of_work() as uow:
+            runs, next_token = self._sources.sync_sessions(
+                uow, current_principal(), request.id, request.page_size, request.page_token
+            )
+            return pb.ListSyncSessionsResponse(
+                sync_sessions=[sync_session_to_proto(r) for r in runs],
+                next_page_token=next_token,
+            )

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from ingestion.v1 import (
+    archive_service_pb2,
     auth_service_pb2,
     ingestion_service_pb2,
     settings_service_pb2,
@@ -51,6 +52,7 @@ def _method(module: Any, service: str, method: str) -> str:
 
 _INGESTION = (ingestion_service_pb2, "IngestionService")
 _API_KEYS = (auth_service_pb2, "ApiKeyService")
+_ARCHIVE = (archive_service_pb2, "ArchiveService")
 _SETTINGS = (settings_service_pb2, "SettingsService")
 
 # None: any authenticated caller (API keys act only on the caller's own keys).
@@ -63,6 +65,10 @@ METHOD_PERMISSIONS: dict[str, Permission | None] = {
     _method(*_INGESTION, "TriggerInitialImport"): Permission.CREATE_INGESTION,
     _method(*_INGESTION, "PauseIngestionSource"): Permission.UPDATE_INGESTION,
     _method(*_INGESTION, "ForceSync"): Permission.SYNC_INGESTION,
+    _method(*_INGESTION, "ListSyncSessions"): Permission.READ_INGESTION,
+    _method(*_ARCHIVE, "ListArchivedEmails"): Permission.READ_ARCHIVE,
+    _method(*_ARCHIVE, "GetArchivedEmail"): Permission.READ_ARCHIVE,
+    _method(*_ARCHIVE, "GetArchivedEmailRaw"): Permission.READ_ARCHIVE,
     _method(*_API_KEYS, "CreateApiKey"): None,
     _method(*_API_KEYS, "ListApiKeys"): None,
     _method(*_API_KEYS, "DeleteApiKey"): None,

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     DateTime,
     ForeignKey,
     Index,
+    Integer,
     LargeBinary,
     MetaData,
     String,
     Text,
+    UniqueConstraint,
 )
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -80,6 +85,12 @@ class IngestionSource(Base):
     last_sync_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_sync_finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_sync_status_message: Mapped[str] = mapped_column(Text, default="")
+    # When the latest run was claimed: the watchdog re-sends a claimed run
+    # whose job never reached a worker.
+    run_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When the scheduler next syncs the source; pushed back after failures.
+    next_sync_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class SystemSettings(Base):
@@ -89,3 +100,94 @@ class SystemSettings(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     enable_deletion: Mapped[bool] = mapped_column(Boolean)
+
+
+class SyncSession(Base):
+    """One import or sync run of a source, with the counters a progress bar reads."""
+
+    __tablename__ = "sync_sessions"
+    __table_args__ = (Index("ix_sync_sessions_source_started", "source_id", "started_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    source_id: Mapped[str] = mapped_column(ForeignKey("ingestion_sources.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))
+    # running -> completed | failed; paused while its source is paused.
+    status: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Set once the run's mailboxes are listed: before that, "no mailbox left
+    # to do" does not mean "finished".
+    listed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    mailboxes_total: Mapped[int] = mapped_column(Integer, default=0)
+    mailboxes_done: Mapped[int] = mapped_column(Integer, default=0)
+    mailboxes_failed: Mapped[int] = mapped_column(Integer, default=0)
+    messages_fetched: Mapped[int] = mapped_column(BigInteger, default=0)
+    messages_archived: Mapped[int] = mapped_column(BigInteger, default=0)
+    messages_already_present: Mapped[int] = mapped_column(BigInteger, default=0)
+    messages_failed: Mapped[int] = mapped_column(BigInteger, default=0)
+    error_message: Mapped[str] = mapped_column(Text, default="")
+
+
+class RunMailbox(Base):
+    """One mailbox's share of a run: the unit a worker claims."""
+
+    __tablename__ = "run_mailboxes"
+
+    run_id: Mapped[str] = mapped_column(
+        ForeignKey("sync_sessions.id", ondelete="CASCADE"), primary_key=True
+    )
+    mailbox: Mapped[str] = mapped_column(Text, primary_key=True)
+    # pending -> running -> done | failed; back to pending when paused or stale.
+    state: Mapped[str] = mapped_column(String(16))
+    # Changes on every claim: a worker whose lease was taken over stops.
+    lease: Mapped[str | None] = mapped_column(String(36))
+    enqueued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error_message: Mapped[str] = mapped_column(Text, default="")
+
+
+class MailboxCursor(Base):
+    """Where the next run of one mailbox of a source starts."""
+
+    __tablename__ = "mailbox_cursors"
+
+    source_id: Mapped[str] = mapped_column(
+        ForeignKey("ingestion_sources.id", ondelete="CASCADE"), primary_key=True
+    )
+    mailbox: Mapped[str] = mapped_column(Text, primary_key=True)
+    cursor: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+
+class ArchivedEmail(Base):
+    """Metadata of one archived message; its bytes are the blob named by sha256.
+
+    Unique per (source, mailbox, sha256): the same bytes seen again, in another
+    folder or another run, add a folder path instead of a second row.
+    """
+
+    __tablename__ = "archived_emails"
+    __table_args__ = (
+        UniqueConstraint("source_id", "mailbox", "sha256", name="uq_archived_emails_content"),
+        Index("ix_archived_emails_source_order", "source_id", "archived_at", "id"),
+        Index("ix_archived_emails_sha256", "sha256"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    source_id: Mapped[str] = mapped_column(ForeignKey("ingestion_sources.id", ondelete="CASCADE"))
+    mailbox: Mapped[str] = mapped_column(Text)
+    folder_paths: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    provider_message_id: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    message_id: Mapped[str] = mapped_column(Text)
+    subject: Mapped[str] = mapped_column(Text)
+    from_address: Mapped[str] = mapped_column(Text)
+    to_addresses: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    cc_addresses: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    has_attachments: Mapped[bool] = mapped_column(Boolean)
+    archived_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -11,13 +11,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, tuple_, update
 
+from ingestion_grpc.archive import catalog
+from ingestion_grpc.archive.blobstore import BlobStore
 from ingestion_grpc.auth.permissions import Principal
 from ingestion_grpc.crypto import CredentialCipher
-from ingestion_grpc.db.models import IngestionSource, new_id
+from ingestion_grpc.db.models import IngestionSource, SyncSession, new_id
 from ingestion_grpc.db.session import Database, UnitOfWork
 from ingestion_grpc.domain import settings
+from ingestion_grpc.domain.paging import decode_token, encode_token, page_size
 from ingestion_grpc.domain.states import (
     CLIENT_SETTABLE,
     IDLE,
@@ -26,6 +29,7 @@ from ingestion_grpc.domain.states import (
     RunKind,
     SourceStatus,
 )
+from ingestion_grpc.engine.runs import open_run
 from ingestion_grpc.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
 from ingestion_grpc.jobs.queue import JobQueue
 from ingestion_grpc.providers.base import JsonDict, Provider
@@ -47,10 +51,13 @@ class SourceChanges:
 
 
 class SourceService:
-    def __init__(self, database: Database, cipher: CredentialCipher, jobs: JobQueue) -> None:
+    def __init__(
+        self, database: Database, cipher: CredentialCipher, jobs: JobQueue, blobs: BlobStore
+    ) -> None:
         self._database = database
         self._cipher = cipher
         self._jobs = jobs
+        self._blobs = blobs
 
     def create(
         self,
@@ -83,7 +90,7 @@ class SourceService:
         self._start_run(uow, source, RunKind.IMPORT)
         return source
 
-    def list(self, uow: UnitOfWork, principal: Principal) -> list[IngestionSource]:
+    def list_visible(self, uow: UnitOfWork, principal: Principal) -> list[IngestionSource]:
         query = select(IngestionSource).order_by(
             IngestionSource.created_at.desc(), IngestionSource.id
         )
@@ -113,7 +120,7 @@ class SourceService:
             source.provider = provider
             source.sealed_config = self._cipher.seal(config, bound_to=source.id)
         if changes.status is not None:
-            self._set_status(source, changes.status)
+            self._set_status(uow, source, changes.status)
         uow.session.flush()
         return source
 
@@ -121,9 +128,42 @@ class SourceService:
         source = self.get(uow, principal, source_id)
         if not settings.get_settings(uow).enable_deletion:
             raise FailedPrecondition(DELETION_DISABLED)
+        digests = catalog.digests_of_source(uow, source_id)
+        # Rows of runs, cursors and archived emails go with it (ON DELETE CASCADE).
         uow.session.delete(source)
         uow.session.flush()
+        uow.after_commit(lambda: self._delete_unreferenced_blobs(digests))
         log.info("source %s deleted by user %s", source_id, principal.user_id)
+
+    def sync_sessions(
+        self, uow: UnitOfWork, principal: Principal, source_id: str, size: int, token: str
+    ) -> tuple[list[SyncSession], str]:
+        self.get(uow, principal, source_id)
+        limit = page_size(size, default=50, maximum=500)
+        query = select(SyncSession).where(SyncSession.source_id == source_id)
+        after = decode_token(token)
+        if after is not None:
+            query = query.where(tuple_(SyncSession.started_at, SyncSession.id) < tuple_(*after))
+        runs = list(
+            uow.session.scalars(
+                query.order_by(SyncSession.started_at.desc(), SyncSession.id.desc()).limit(
+                    limit + 1
+                )
+            )
+        )
+        if len(runs) <= limit:
+            return runs, ""
+        runs = runs[:limit]
+        return runs, encode_token(runs[-1].started_at, runs[-1].id)
+
+    def _delete_unreferenced_blobs(self, digests: set[str]) -> None:
+        """Blobs shared with another source's rows stay; the rest go."""
+        ordered = sorted(digests)
+        for start in range(0, len(ordered), 1000):
+            with self._database.unit_of_work() as uow:
+                orphans = catalog.unreferenced(uow, set(ordered[start : start + 1000]))
+            for digest in orphans:
+                self._blobs.delete(digest)
 
     def pause(self, uow: UnitOfWork, principal: Principal, source_id: str) -> IngestionSource:
         source = self.get(uow, principal, source_id)
@@ -152,7 +192,7 @@ class SourceService:
         claimed = uow.session.execute(
             update(IngestionSource)
             .where(IngestionSource.id == source.id, IngestionSource.status.in_(IDLE))
-            .values(status=RUN_STATUS[kind])
+            .values(status=RUN_STATUS[kind], run_requested_at=func.now())
             .returning(IngestionSource.id)
             .execution_options(synchronize_session=False)
         ).first()
@@ -199,16 +239,24 @@ class SourceService:
         merged = _merge_config(stored, changes.provider_config or {}, cls)
         return provider, cls.validate_config(merged)
 
-    @staticmethod
-    def _set_status(source: IngestionSource, status: str) -> None:
+    def _set_status(self, uow: UnitOfWork, source: IngestionSource, status: str) -> None:
         if status not in CLIENT_SETTABLE:
             raise InvalidArgument(
                 "status",
                 "may only be set to active or paused; other statuses are set by the engine",
             )
-        if status == SourceStatus.ACTIVE and source.status in RUNNING:
+        if status == SourceStatus.PAUSED or source.status == SourceStatus.ACTIVE:
+            source.status = status
+            return
+        if source.status in RUNNING:
             raise Conflict("An import or sync is running: pause the source instead.")
-        source.status = status
+        interrupted = open_run(uow, source.id)
+        source.status = SourceStatus.ACTIVE
+        if interrupted is not None:
+            # Resuming continues the run that the pause interrupted, from the
+            # checkpoints its mailboxes saved.
+            uow.session.flush()
+            self._start_run(uow, source, RunKind(interrupted.kind))
 
 
 def _merge_config(stored: JsonDict, changes: Mapping[str, Any], cls: type[Provider]) -> JsonDict:

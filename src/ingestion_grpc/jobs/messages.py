@@ -9,3 +9,4 @@ from __future__ import annotations
 QUEUE = "ingestion"
 IMPORT_SOURCE = "import_source"
 SYNC_SOURCE = "sync_source"
+INGEST_MAILBOX = "ingest_mailbox"

@@ -22,6 +22,13 @@ class JobQueue:
     def enqueue_run(self, source_id: str, kind: RunKind) -> None:
         raise NotImplementedError
 
+    def enqueue_mailbox(self, run_id: str, mailbox: str) -> None:
+        raise NotImplementedError
+
+    def backlog(self) -> int:
+        """How many jobs wait to be picked up (delayed retries included)."""
+        raise NotImplementedError
+
     def ping(self) -> None:
         """Raise Unavailable if the queue cannot take jobs now."""
         raise NotImplementedError
@@ -32,17 +39,24 @@ class DramatiqJobQueue(JobQueue):
         self._broker = broker
 
     def enqueue_run(self, source_id: str, kind: RunKind) -> None:
+        self._send(_ACTOR_FOR_RUN[kind], source_id)
+
+    def enqueue_mailbox(self, run_id: str, mailbox: str) -> None:
+        self._send(messages.INGEST_MAILBOX, run_id, mailbox)
+
+    def _send(self, actor_name: str, *args: str) -> None:
         message: dramatiq.Message[None] = dramatiq.Message(
-            queue_name=messages.QUEUE,
-            actor_name=_ACTOR_FOR_RUN[kind],
-            args=(source_id,),
-            kwargs={},
-            options={},
+            queue_name=messages.QUEUE, actor_name=actor_name, args=args, kwargs={}, options={}
         )
         try:
             self._broker.enqueue(message)
         except Exception as exc:
             raise Unavailable("The job queue is unavailable; try again shortly.") from exc
+
+    def backlog(self) -> int:
+        prefix = f"{self._broker.namespace}:{messages.QUEUE}"
+        waiting: int = self._broker.client.llen(prefix) + self._broker.client.llen(f"{prefix}.DQ")
+        return waiting
 
     def ping(self) -> None:
         try:

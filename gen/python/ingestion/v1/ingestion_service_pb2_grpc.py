@@ -83,6 +83,11 @@ class IngestionServiceStub:
                 request_serializer=ingestion_dot_v1_dot_ingestion__service__pb2.ForceSyncRequest.SerializeToString,
                 response_deserializer=ingestion_dot_v1_dot_ingestion__service__pb2.OperationAcceptedResponse.FromString,
                 _registered_method=True)
+        self.ListSyncSessions = channel.unary_unary(
+                '/ingestion.v1.IngestionService/ListSyncSessions',
+                request_serializer=ingestion_dot_v1_dot_ingestion__service__pb2.ListSyncSessionsRequest.SerializeToString,
+                response_deserializer=ingestion_dot_v1_dot_ingestion__service__pb2.ListSyncSessionsResponse.FromString,
+                _registered_method=True)
 
 
 class IngestionServiceServicer:
@@ -162,6 +167,14 @@ class IngestionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSyncSessions(self, request, context):
+        """Lists the source's import and sync runs, newest first, with their
+        progress counters. Requires `read:ingestion`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -204,6 +217,11 @@ def add_IngestionServiceServicer_to_server(servicer, server):
                     servicer.ForceSync,
                     request_deserializer=ingestion_dot_v1_dot_ingestion__service__pb2.ForceSyncRequest.FromString,
                     response_serializer=ingestion_dot_v1_dot_ingestion__service__pb2.OperationAcceptedResponse.SerializeToString,
+            ),
+            'ListSyncSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSyncSessions,
+                    request_deserializer=ingestion_dot_v1_dot_ingestion__service__pb2.ListSyncSessionsRequest.FromString,
+                    response_serializer=ingestion_dot_v1_dot_ingestion__service__pb2.ListSyncSessionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -429,6 +447,33 @@ class IngestionService:
             '/ingestion.v1.IngestionService/ForceSync',
             ingestion_dot_v1_dot_ingestion__service__pb2.ForceSyncRequest.SerializeToString,
             ingestion_dot_v1_dot_ingestion__service__pb2.OperationAcceptedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSyncSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ingestion.v1.IngestionService/ListSyncSessions',
+            ingestion_dot_v1_dot_ingestion__service__pb2.ListSyncSessionsRequest.SerializeToString,
+            ingestion_dot_v1_dot_ingestion__service__pb2.ListSyncSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

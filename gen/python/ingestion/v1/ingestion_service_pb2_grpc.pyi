@@ -76,6 +76,10 @@ class IngestionServiceStub:
     ABORTED if a run is already under way or the source is paused. Requires
     `sync:ingestion`.
     """
+    ListSyncSessions: _grpc.UnaryUnaryMultiCallable[_ingestion_service_pb2.ListSyncSessionsRequest, _ingestion_service_pb2.ListSyncSessionsResponse]
+    """Lists the source's import and sync runs, newest first, with their
+    progress counters. Requires `read:ingestion`.
+    """
 
 @_typing.type_check_only
 class IngestionServiceAsyncStub(IngestionServiceStub):
@@ -122,6 +126,10 @@ class IngestionServiceAsyncStub(IngestionServiceStub):
     """Queues an out-of-schedule sync and moves the source to `syncing`.
     ABORTED if a run is already under way or the source is paused. Requires
     `sync:ingestion`.
+    """
+    ListSyncSessions: _aio.UnaryUnaryMultiCallable[_ingestion_service_pb2.ListSyncSessionsRequest, _ingestion_service_pb2.ListSyncSessionsResponse]  # type: ignore[assignment]
+    """Lists the source's import and sync runs, newest first, with their
+    progress counters. Requires `read:ingestion`.
     """
 
 class IngestionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -214,6 +222,16 @@ class IngestionServiceServicer(metaclass=_abc_1.ABCMeta):
         """Queues an out-of-schedule sync and moves the source to `syncing`.
         ABORTED if a run is already under way or the source is paused. Requires
         `sync:ingestion`.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSyncSessions(
+        self,
+        request: _ingestion_service_pb2.ListSyncSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingestion_service_pb2.ListSyncSessionsResponse, _abc.Awaitable[_ingestion_service_pb2.ListSyncSessionsResponse]]:
+        """Lists the source's import and sync runs, newest first, with their
+        progress counters. Requires `read:ingestion`.
         """
 
 def add_IngestionServiceServicer_to_server(servicer: IngestionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

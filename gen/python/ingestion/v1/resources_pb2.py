@@ -26,7 +26,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cingestion/v1/resources.proto\x12\x0cingestion.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf4\x02\n\x0fIngestionSource\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08provider\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x34\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x34\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12>\n\x14last_sync_started_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12?\n\x15last_sync_finished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12&\n\x18last_sync_status_message\x18\t \x01(\tB\x04\xe2\x41\x01\x03\"A\n\x04User\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05\x65mail\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04role\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\"\xba\x01\n\x06\x41piKey\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x03key\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03H\x00\x88\x01\x01\x12\x34\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x34\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x42\x06\n\x04_keyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cingestion/v1/resources.proto\x12\x0cingestion.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf4\x02\n\x0fIngestionSource\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08provider\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x34\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x34\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12>\n\x14last_sync_started_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12?\n\x15last_sync_finished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12&\n\x18last_sync_status_message\x18\t \x01(\tB\x04\xe2\x41\x01\x03\"A\n\x04User\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05\x65mail\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04role\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\"\xba\x01\n\x06\x41piKey\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x03key\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03H\x00\x88\x01\x01\x12\x34\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x34\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x42\x06\n\x04_key\"\xd1\x03\n\x0bSyncSession\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x17\n\tsource_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04kind\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06status\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x34\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x66inished_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x1d\n\x0fmailboxes_total\x18\x07 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1c\n\x0emailboxes_done\x18\x08 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1e\n\x10mailboxes_failed\x18\t \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1e\n\x10messages_fetched\x18\n \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1f\n\x11messages_archived\x18\x0b \x01(\x03\x42\x04\xe2\x41\x01\x03\x12&\n\x18messages_already_present\x18\x0c \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1d\n\x0fmessages_failed\x18\r \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1b\n\rerror_message\x18\x0e \x01(\tB\x04\xe2\x41\x01\x03\"\xc0\x03\n\rArchivedEmail\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x17\n\tsource_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07mailbox\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1a\n\x0c\x66older_paths\x18\x04 \x03(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nmessage_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x15\n\x07subject\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12 \n\x0c\x66rom_address\x18\x07 \x01(\tB\x04\xe2\x41\x01\x03R\x04\x66rom\x12\x10\n\x02to\x18\x08 \x03(\tB\x04\xe2\x41\x01\x03\x12\x10\n\x02\x63\x63\x18\t \x03(\tB\x04\xe2\x41\x01\x03\x12\x31\n\x07sent_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x18\n\nsize_bytes\x18\x0b \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x14\n\x06sha256\x18\x0c \x01(\tB\x04\xe2\x41\x01\x03\x12\x1d\n\x0fhas_attachments\x18\r \x01(\x08\x42\x04\xe2\x41\x01\x03\x12!\n\x13provider_message_id\x18\x0e \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x61rchived_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -65,10 +65,72 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APIKEY'].fields_by_name['expires_at']._serialized_options = b'\342A\001\003'
   _globals['_APIKEY'].fields_by_name['created_at']._loaded_options = None
   _globals['_APIKEY'].fields_by_name['created_at']._serialized_options = b'\342A\001\003'
+  _globals['_SYNCSESSION'].fields_by_name['id']._loaded_options = None
+  _globals['_SYNCSESSION'].fields_by_name['id']._serialized_options = b'\342A\001\003'
+  _globals['_SYNCSESSION'].fields_by_name['source_id']._loaded_options = None
+  _globals['_SYNCSESSION'].fields_by_name['source_id']._serialized_options = b'\342A\001\003'
+  _globals['_SYNCSESSION'].fields_by_name['kind']._loaded_options = None
+  _globals['_SYNCSESSION'].fields_by_name['kind']._serialized_options = b'\342A\001\003'
+  _globals['_SYNCSESSION'].fields_by_name['status']._loaded_options = None
+  _globals['_SYNCSESSION'].fields_by_name['status']._serialized_options = b'\342A\001\003'
+  _globals['_SYNCSESSION'].fields_by_name['started_at']._loaded_options = None
+  _globals['_SYNCSESSION'].fields_by_name['started_at']._serialized_options = b'\342A\001\003'
+  _globals['_SYNCSESSION'].fields_by_name['finished_at']._loaded_options = None
+  _globals['_SYNCSESSION'].fields_by_name['finished_at']._serialized_options = b'\342A\001\003'
+  _globals['_SYNCSESSION'].fields_by_name['mailboxes_total']._loaded_options = None
+  _globals['_SYNCSESSION'].fields_by_name['mailboxes_total']._serialized_options = b'\342A\001\003'
+  _globals['_SYNCSESSION'].fields_by_name['mailboxes_done']._loaded_options = None
+  _globals['_SYNCSESSION'].fields_by_name['mailboxes_done']._serialized_options = b'\342A\001\003'
+  _globals['_SYNCSESSION'].fields_by_name['mailboxes_failed']._loaded_options = None
+  _globals['_SYNCSESSION'].fields_by_name['mailboxes_failed']._serialized_options = b'\342A\001\003'
+  _globals['_SYNCSESSION'].fields_by_name['messages_fetched']._loaded_options = None
+  _globals['_SYNCSESSION'].fields_by_name['messages_fetched']._serialized_options = b'\342A\001\003'
+  _globals['_SYNCSESSION'].fields_by_name['messages_archived']._loaded_options = None
+  _globals['_SYNCSESSION'].fields_by_name['messages_archived']._serialized_options = b'\342A\001\003'
+  _globals['_SYNCSESSION'].fields_by_name['messages_already_present']._loaded_options = None
+  _globals['_SYNCSESSION'].fields_by_name['messages_already_present']._serialized_options = b'\342A\001\003'
+  _globals['_SYNCSESSION'].fields_by_name['messages_failed']._loaded_options = None
+  _globals['_SYNCSESSION'].fields_by_name['messages_failed']._serialized_options = b'\342A\001\003'
+  _globals['_SYNCSESSION'].fields_by_name['error_message']._loaded_options = None
+  _globals['_SYNCSESSION'].fields_by_name['error_message']._serialized_options = b'\342A\001\003'
+  _globals['_ARCHIVEDEMAIL'].fields_by_name['id']._loaded_options = None
+  _globals['_ARCHIVEDEMAIL'].fields_by_name['id']._serialized_options = b'\342A\001\003'
+  _globals['_ARCHIVEDEMAIL'].fields_by_name['source_id']._loaded_options = None
+  _globals['_ARCHIVEDEMAIL'].fields_by_name['source_id']._serialized_options = b'\342A\001\003'
+  _globals['_ARCHIVEDEMAIL'].fields_by_name['mailbox']._loaded_options = None
+  _globals['_ARCHIVEDEMAIL'].fields_by_name['mailbox']._serialized_options = b'\342A\001\003'
+  _globals['_ARCHIVEDEMAIL'].fields_by_name['folder_paths']._loaded_options = None
+  _globals['_ARCHIVEDEMAIL'].fields_by_name['folder_paths']._serialized_options = b'\342A\001\003'
+  _globals['_ARCHIVEDEMAIL'].fields_by_name['message_id']._loaded_options = None
+  _globals['_ARCHIVEDEMAIL'].fields_by_name['message_id']._serialized_options = b'\342A\001\003'
+  _globals['_ARCHIVEDEMAIL'].fields_by_name['subject']._loaded_options = None
+  _globals['_ARCHIVEDEMAIL'].fields_by_name['subject']._serialized_options = b'\342A\001\003'
+  _globals['_ARCHIVEDEMAIL'].fields_by_name['from_address']._loaded_options = None
+  _globals['_ARCHIVEDEMAIL'].fields_by_name['from_address']._serialized_options = b'\342A\001\003'
+  _globals['_ARCHIVEDEMAIL'].fields_by_name['to']._loaded_options = None
+  _globals['_ARCHIVEDEMAIL'].fields_by_name['to']._serialized_options = b'\342A\001\003'
+  _globals['_ARCHIVEDEMAIL'].fields_by_name['cc']._loaded_options = None
+  _globals['_ARCHIVEDEMAIL'].fields_by_name['cc']._serialized_options = b'\342A\001\003'
+  _globals['_ARCHIVEDEMAIL'].fields_by_name['sent_at']._loaded_options = None
+  _globals['_ARCHIVEDEMAIL'].fields_by_name['sent_at']._serialized_options = b'\342A\001\003'
+  _globals['_ARCHIVEDEMAIL'].fields_by_name['size_bytes']._loaded_options = None
+  _globals['_ARCHIVEDEMAIL'].fields_by_name['size_bytes']._serialized_options = b'\342A\001\003'
+  _globals['_ARCHIVEDEMAIL'].fields_by_name['sha256']._loaded_options = None
+  _globals['_ARCHIVEDEMAIL'].fields_by_name['sha256']._serialized_options = b'\342A\001\003'
+  _globals['_ARCHIVEDEMAIL'].fields_by_name['has_attachments']._loaded_options = None
+  _globals['_ARCHIVEDEMAIL'].fields_by_name['has_attachments']._serialized_options = b'\342A\001\003'
+  _globals['_ARCHIVEDEMAIL'].fields_by_name['provider_message_id']._loaded_options = None
+  _globals['_ARCHIVEDEMAIL'].fields_by_name['provider_message_id']._serialized_options = b'\342A\001\003'
+  _globals['_ARCHIVEDEMAIL'].fields_by_name['archived_at']._loaded_options = None
+  _globals['_ARCHIVEDEMAIL'].fields_by_name['archived_at']._serialized_options = b'\342A\001\003'
   _globals['_INGESTIONSOURCE']._serialized_start=113
   _globals['_INGESTIONSOURCE']._serialized_end=485
   _globals['_USER']._serialized_start=487
   _globals['_USER']._serialized_end=552
   _globals['_APIKEY']._serialized_start=555
   _globals['_APIKEY']._serialized_end=741
+  _globals['_SYNCSESSION']._serialized_start=744
+  _globals['_SYNCSESSION']._serialized_end=1209
+  _globals['_ARCHIVEDEMAIL']._serialized_start=1212
+  _globals['_ARCHIVEDEMAIL']._serialized_end=1660
 # @@protoc_insertion_point(module_scope)

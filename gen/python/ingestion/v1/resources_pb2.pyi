@@ -2,9 +2,10 @@ import datetime
 
 from google.api import field_behavior_pb2 as _field_behavior_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -54,3 +55,69 @@ class ApiKey(_message.Message):
     expires_at: _timestamp_pb2.Timestamp
     created_at: _timestamp_pb2.Timestamp
     def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., key: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class SyncSession(_message.Message):
+    __slots__ = ("id", "source_id", "kind", "status", "started_at", "finished_at", "mailboxes_total", "mailboxes_done", "mailboxes_failed", "messages_fetched", "messages_archived", "messages_already_present", "messages_failed", "error_message")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    MAILBOXES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MAILBOXES_DONE_FIELD_NUMBER: _ClassVar[int]
+    MAILBOXES_FAILED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FETCHED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_ARCHIVED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_ALREADY_PRESENT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FAILED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    source_id: str
+    kind: str
+    status: str
+    started_at: _timestamp_pb2.Timestamp
+    finished_at: _timestamp_pb2.Timestamp
+    mailboxes_total: int
+    mailboxes_done: int
+    mailboxes_failed: int
+    messages_fetched: int
+    messages_archived: int
+    messages_already_present: int
+    messages_failed: int
+    error_message: str
+    def __init__(self, id: _Optional[str] = ..., source_id: _Optional[str] = ..., kind: _Optional[str] = ..., status: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mailboxes_total: _Optional[int] = ..., mailboxes_done: _Optional[int] = ..., mailboxes_failed: _Optional[int] = ..., messages_fetched: _Optional[int] = ..., messages_archived: _Optional[int] = ..., messages_already_present: _Optional[int] = ..., messages_failed: _Optional[int] = ..., error_message: _Optional[str] = ...) -> None: ...
+
+class ArchivedEmail(_message.Message):
+    __slots__ = ("id", "source_id", "mailbox", "folder_paths", "message_id", "subject", "from_address", "to", "cc", "sent_at", "size_bytes", "sha256", "has_attachments", "provider_message_id", "archived_at")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_ID_FIELD_NUMBER: _ClassVar[int]
+    MAILBOX_FIELD_NUMBER: _ClassVar[int]
+    FOLDER_PATHS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    FROM_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    CC_FIELD_NUMBER: _ClassVar[int]
+    SENT_AT_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    HAS_ATTACHMENTS_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    ARCHIVED_AT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    source_id: str
+    mailbox: str
+    folder_paths: _containers.RepeatedScalarFieldContainer[str]
+    message_id: str
+    subject: str
+    from_address: str
+    to: _containers.RepeatedScalarFieldContainer[str]
+    cc: _containers.RepeatedScalarFieldContainer[str]
+    sent_at: _timestamp_pb2.Timestamp
+    size_bytes: int
+    sha256: str
+    has_attachments: bool
+    provider_message_id: str
+    archived_at: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., source_id: _Optional[str] = ..., mailbox: _Optional[str] = ..., folder_paths: _Optional[_Iterable[str]] = ..., message_id: _Optional[str] = ..., subject: _Optional[str] = ..., from_address: _Optional[str] = ..., to: _Optional[_Iterable[str]] = ..., cc: _Optional[_Iterable[str]] = ..., sent_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., has_attachments: _Optional[bool] = ..., provider_message_id: _Optional[str] = ..., archived_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

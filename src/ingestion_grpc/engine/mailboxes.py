@@ -1,0 +1,217 @@
+"""One mailbox of a run: fetch, store the bytes, record them, move the cursor.
+
+Order per batch, and why:
+  1. blobs written and fsync'd        (bytes durable before anything refers to them)
+  2. one transaction: metadata rows, the new cursor, the run's counters, the
+     heartbeat, and a check that this worker still holds the mailbox's lease
+So the cursor never moves past a message that is not durably archived, and a
+worker killed at any point leaves a cursor from which the next one resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert
+
+from ingestion_grpc.archive.catalog import record_batch
+from ingestion_grpc.db.models import (
+    IngestionSource,
+    MailboxCursor,
+    RunMailbox,
+    SyncSession,
+    new_id,
+)
+from ingestion_grpc.db.session import UnitOfWork
+from ingestion_grpc.domain.states import RUN_STATUS, RunKind
+from ingestion_grpc.engine.context import EngineContext
+from ingestion_grpc.engine.runs import MailboxState, RunState, finish_if_complete, now
+from ingestion_grpc.errors import IngestionError, ProviderAuthError, ProviderDataError
+from ingestion_grpc.providers.base import Batch, JsonDict, Provider
+
+log = logging.getLogger(__name__)
+
+# A mailbox hands its place back to the queue after this long, so that one
+# huge mailbox cannot hold a worker (or the actor's time limit) for hours.
+SLICE_SECONDS = 600.0
+
+
+@dataclass(frozen=True)
+class Claim:
+    run_id: str
+    mailbox: str
+    lease: str
+    source_id: str
+    kind: RunKind
+
+
+class Released(Exception):
+    """Raised inside the batch loop when the mailbox must stop for now."""
+
+
+def ingest_mailbox(ctx: EngineContext, run_id: str, mailbox: str, *, final_attempt: bool) -> None:
+    claimed = _claim(ctx, run_id, mailbox)
+    if claimed is None:
+        return
+    claim, provider, cursor = claimed
+    try:
+        _ingest(ctx, claim, provider, cursor)
+    except Released:
+        pass
+    except (ProviderAuthError, ProviderDataError) as error:
+        _end(ctx, claim, MailboxState.FAILED, str(error))
+    except Exception as error:
+        message = str(error) if isinstance(error, IngestionError) else type(error).__name__
+        if final_attempt:
+            log.exception("mailbox %s of run %s failed for good", mailbox, run_id)
+            _end(ctx, claim, MailboxState.FAILED, f"gave up after retries: {message}")
+        else:
+            log.warning("mailbox %s of run %s: %s; will retry", mailbox, run_id, message)
+            _release(ctx, claim)
+            raise
+    else:
+        _end(ctx, claim, MailboxState.DONE, "")
+    finish_if_complete(ctx, run_id)
+
+
+def _claim(
+    ctx: EngineContext, run_id: str, mailbox: str
+) -> tuple[Claim, Provider, JsonDict | None] | None:
+    lease = new_id()
+    with ctx.database.unit_of_work() as uow:
+        stale_before = now() - ctx.stale_after
+        claimed = uow.session.execute(
+            update(RunMailbox)
+            .where(
+                RunMailbox.run_id == run_id,
+                RunMailbox.mailbox == mailbox,
+                (RunMailbox.state == MailboxState.PENDING)
+                | (
+                    (RunMailbox.state == MailboxState.RUNNING)
+                    & (RunMailbox.heartbeat_at < stale_before)
+                ),
+            )
+            .values(state=MailboxState.RUNNING, lease=lease, heartbeat_at=now())
+            .returning(RunMailbox.run_id)
+        ).first()
+        if claimed is None:
+            return None  # done already, or another worker holds it
+        run = uow.session.get(SyncSession, run_id)
+        source = uow.session.get(IngestionSource, run.source_id) if run else None
+        if run is None or source is None:
+            return None
+        kind = RunKind(run.kind)
+        claim = Claim(run_id, mailbox, lease, source.id, kind)
+        if source.status != RUN_STATUS[kind]:
+            _release_in(uow, claim, pause_run=True)
+            uow.commit()
+            return None
+        stored = uow.session.get(MailboxCursor, (source.id, mailbox))
+        provider = ctx.provider_for(source)
+        uow.commit()
+    return claim, provider, stored.cursor if stored else None
+
+
+def _ingest(ctx: EngineContext, claim: Claim, provider: Provider, cursor: JsonDict | None) -> None:
+    started = time.monotonic()
+    batches = provider.fetch(claim.mailbox, cursor)
+    try:
+        for batch in batches:
+            digests = ctx.blobs.put_many([m.raw for m in batch.messages])
+            with ctx.database.unit_of_work() as uow:
+                source_status = _record(uow, claim, batch, digests)
+                if source_status != RUN_STATUS[claim.kind]:
+                    # Paused (or deleted): this batch is saved; stop here.
+                    _release_in(uow, claim, pause_run=True)
+                    uow.commit()
+                    raise Released
+                if time.monotonic() - started > SLICE_SECONDS:
+                    _release_in(uow, claim, pause_run=False)
+                    uow.after_commit(lambda: ctx.jobs.enqueue_mailbox(claim.run_id, claim.mailbox))
+                    uow.commit()
+                    raise Released
+                uow.commit()
+    finally:
+        batches.close()  # type: ignore[attr-defined]
+
+
+def _record(uow: UnitOfWork, claim: Claim, batch: Batch, digests: list[str]) -> str | None:
+    """Write one batch's rows, cursor and counters; the source's status after."""
+    still_ours = uow.session.execute(
+        update(RunMailbox)
+        .where(
+            RunMailbox.run_id == claim.run_id,
+            RunMailbox.mailbox == claim.mailbox,
+            RunMailbox.lease == claim.lease,
+            RunMailbox.state == MailboxState.RUNNING,
+        )
+        .values(heartbeat_at=now())
+        .returning(RunMailbox.run_id)
+    ).first()
+    if still_ours is None:
+        log.warning("lost the lease on mailbox %s of run %s", claim.mailbox, claim.run_id)
+        raise Released
+    outcome = record_batch(uow, claim.source_id, claim.mailbox, batch.messages, digests)
+    uow.session.execute(
+        insert(MailboxCursor)
+        .values(source_id=claim.source_id, mailbox=claim.mailbox, cursor=batch.cursor)
+        .on_conflict_do_update(
+            index_elements=["source_id", "mailbox"],
+            set_={"cursor": batch.cursor, "updated_at": now()},
+        )
+    )
+    uow.session.execute(
+        update(SyncSession)
+        .where(SyncSession.id == claim.run_id)
+        .values(
+            messages_fetched=SyncSession.messages_fetched + len(batch.messages),
+            messages_archived=SyncSession.messages_archived + outcome.archived,
+            messages_already_present=SyncSession.messages_already_present + outcome.already_present,
+            heartbeat_at=now(),
+        )
+    )
+    return uow.session.scalar(
+        select(IngestionSource.status).where(IngestionSource.id == claim.source_id)
+    )
+
+
+def _release_in(uow: UnitOfWork, claim: Claim, *, pause_run: bool) -> None:
+    """Hand the mailbox back (pending) if this worker still holds it."""
+    uow.session.execute(
+        update(RunMailbox)
+        .where(
+            RunMailbox.run_id == claim.run_id,
+            RunMailbox.mailbox == claim.mailbox,
+            RunMailbox.lease == claim.lease,
+        )
+        .values(state=MailboxState.PENDING, lease=None, enqueued_at=now())
+    )
+    if pause_run:
+        uow.session.execute(
+            update(SyncSession)
+            .where(SyncSession.id == claim.run_id, SyncSession.status == RunState.RUNNING)
+            .values(status=RunState.PAUSED)
+        )
+
+
+def _release(ctx: EngineContext, claim: Claim) -> None:
+    with ctx.database.unit_of_work() as uow:
+        _release_in(uow, claim, pause_run=False)
+        uow.commit()
+
+
+def _end(ctx: EngineContext, claim: Claim, state: str, error: str) -> None:
+    with ctx.database.unit_of_work() as uow:
+        uow.session.execute(
+            update(RunMailbox)
+            .where(
+                RunMailbox.run_id == claim.run_id,
+                RunMailbox.mailbox == claim.mailbox,
+                RunMailbox.lease == claim.lease,
+            )
+            .values(state=state, lease=None, error_message=error, heartbeat_at=now())
+        )
+        uow.commit()
