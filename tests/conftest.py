@@ -2,9 +2,11 @@
 
 from tests.support.dovecot import dovecot
 from tests.support.envoy import envoy_factory
+from tests.support.workers import engine, start_worker
 from tests.support.services import (
     admin,
     database_url,
+    environment,
     grpc_server,
     make_client,
     queue_namespace,
@@ -15,6 +17,8 @@ from tests.support.services import (
 __all__ = [
     "admin",
     "database_url",
+    "engine",
+    "environment",
     "dovecot",
     "envoy_factory",
     "grpc_server",
@@ -22,4 +26,5 @@ __all__ = [
     "queue_namespace",
     "rest_url",
     "settings",
+    "start_worker",
 ]

@@ -55,26 +55,34 @@ def queue_namespace() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    data_dir = tmp_path_factory.mktemp("data")
-    return Settings.from_env(
-        {
-            "DATA_DIR": str(data_dir),
-            "DATABASE_URL": database_url,
-            "REDIS_URL": REDIS_URL,
-            "JWT_SECRET": secrets.token_urlsafe(32),
-            "ENCRYPTION_KEY": secrets.token_hex(32),
-            "GRPC_PORT": "0",
-        }
-    )
+def environment(
+    database_url: str, queue_namespace: str, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
+    """The environment of this run's server, workers and scheduler."""
+    return {
+        "DATA_DIR": str(tmp_path_factory.mktemp("data")),
+        "DATABASE_URL": database_url,
+        "REDIS_URL": REDIS_URL,
+        "QUEUE_NAMESPACE": queue_namespace,
+        "JWT_SECRET": secrets.token_urlsafe(32),
+        "ENCRYPTION_KEY": secrets.token_hex(32),
+        "GRPC_PORT": "0",
+        # Short, so that tests of crash recovery need not wait minutes.
+        "STALE_RUN_AFTER": "3s",
+    }
 
 
 @pytest.fixture(scope="session")
-def grpc_server(settings: Settings, queue_namespace: str) -> Iterator[RunningServer]:
+def settings(environment: dict[str, str]) -> Settings:
+    return Settings.from_env(environment)
+
+
+@pytest.fixture(scope="session")
+def grpc_server(settings: Settings) -> Iterator[RunningServer]:
     running = start_server(
         settings,
         port=0,
-        jobs=DramatiqJobQueue(redis_broker(settings.redis_url, queue_namespace)),
+        jobs=DramatiqJobQueue(redis_broker(settings.redis_url, settings.queue_namespace)),
         admin_email=ADMIN_EMAIL,
         admin_password=ADMIN_PASSWORD,
     )

@@ -48,7 +48,8 @@ class UnitOfWork:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.session.rollback()
+        # close() rolls back whatever was not committed and detaches the
+        # objects with their loaded values, which the caller may still read.
         self.session.close()
 
     def after_commit(self, callback: Callable[[], None]) -> None:

@@ -110,6 +110,11 @@ def _claim(
             uow.commit()
             return None
         stored = uow.session.get(MailboxCursor, (source.id, mailbox))
+        if stored is not None and kind is RunKind.IMPORT and stored.updated_at < run.started_at:
+            # An import reads everything again (the archive keeps each message
+            # once); only checkpoints of this very run, after a pause or a
+            # crash, let it skip ahead.
+            stored = None
         provider = ctx.provider_for(source)
         uow.commit()
     return claim, provider, stored.cursor if stored else None

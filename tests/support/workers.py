@@ -1,0 +1,83 @@
+"""Real Dramatiq worker processes for engine tests, and the engine's scheduler
+tick run in the test process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ingestion_grpc.config import Settings
+from ingestion_grpc.engine.context import EngineContext
+from ingestion_grpc.jobs.queue import DramatiqJobQueue, redis_broker
+
+
+class Worker:
+    """`python -m dramatiq ingestion_grpc.jobs.actors` in its own process group."""
+
+    def __init__(self, environment: dict[str, str], log_path: Path) -> None:
+        self._environment = {**os.environ, **environment, "PYTHONUNBUFFERED": "1"}
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Worker:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "dramatiq", "ingestion_grpc.jobs.actors",
+                 "--processes", "1", "--threads", "2"],
+                env=self._environment,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the whole group: the Dramatiq parent and its worker process."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture
+def start_worker(
+    environment: dict[str, str], tmp_path: Path
+) -> Iterator[Callable[[], Worker]]:
+    """`start_worker()` starts one more worker; all are stopped after the test."""
+    workers: list[Worker] = []
+
+    def start() -> Worker:
+        worker = Worker(environment, tmp_path / f"worker-{len(workers)}.log").start()
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
+
+
+@pytest.fixture(scope="session")
+def engine(settings: Settings) -> Iterator[EngineContext]:
+    """The engine as the scheduler sees it, for calling `tick` in a test."""
+    jobs = DramatiqJobQueue(redis_broker(settings.redis_url, settings.queue_namespace))
+    context = EngineContext.from_settings(settings, jobs)
+    yield context
+    context.database.dispose()
