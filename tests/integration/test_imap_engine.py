@@ -7,6 +7,7 @@ serves for the same message.
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -75,10 +76,14 @@ def archived(client: Rest, source_id: str) -> list[dict]:
             return rows
 
 
+def runs(client: Rest, source_id: str) -> list[dict]:
+    response = client.get(f"/v1/ingestion-sources/{source_id}/sync-sessions")
+    assert response.status_code == 200, response.text
+    return response.json()["syncSessions"]
+
+
 def latest_run(client: Rest, source_id: str) -> dict:
-    return client.get(f"/v1/ingestion-sources/{source_id}/sync-sessions").json()[
-        "syncSessions"
-    ][0]
+    return runs(client, source_id)[0]
 
 
 def by_folder(rows: list[dict]) -> dict[str, set[str]]:
@@ -146,3 +151,201 @@ def test_import_sync_and_reimport(
     assert (run["kind"], run["messagesArchived"], run["messagesAlreadyPresent"]) == (
         "import", 0, 508
     )
+
+
+def _big_mailbox(dovecot: Dovecot, email: str, copies: int = 2) -> int:
+    """Enough mail that an import is still running when the test acts on it."""
+    messages = numbered(mbox_messages(HAM), copies)
+    dovecot.append(email, "INBOX", messages)
+    return len(messages)
+
+
+def _mid_run(client: Rest, source_id: str) -> dict:
+    return wait_for(
+        lambda: (runs(client, source_id) or [{"messagesArchived": 0}])[0],
+        lambda run: run["messagesArchived"] > 0,
+        timeout=60,
+        what="the import to archive its first batch",
+    )
+
+
+def test_pause_mid_import_then_resume_completes_without_duplicates(
+    user: Rest, dovecot: Dovecot, start_worker: Callable[[], Worker]
+) -> None:
+    email = dovecot.new_user("pause")
+    total = _big_mailbox(dovecot, email)
+    start_worker()
+    source = create_source(user, dovecot, email)
+    _mid_run(user, source["id"])
+
+    paused = user.post(f"/v1/ingestion-sources/{source['id']}/pause")
+    assert paused.json()["status"] == "paused"
+    run = wait_for(
+        lambda: latest_run(user, source["id"]),
+        lambda run: run["status"] == "paused",
+        what="the run to stop at a batch boundary",
+    )
+    assert 0 < run["messagesArchived"] < total
+    assert user.get(f"/v1/ingestion-sources/{source['id']}").json()["status"] == "paused"
+
+    resumed = user.put(f"/v1/ingestion-sources/{source['id']}", json={"status": "active"})
+    assert resumed.json()["status"] == "importing"
+    assert settled(user, source["id"])["status"] == "active"
+    final = latest_run(user, source["id"])
+    assert final["id"] == run["id"], "resuming continues the same run"
+    assert final["messagesArchived"] == total
+    # Resumed from its checkpoint: at most the interrupted batch is read twice.
+    assert final["messagesFetched"] < total + 500
+    assert_archive_matches_server(user, source["id"], served(dovecot, email))
+
+
+def test_a_killed_worker_is_replaced_and_the_import_resumes(
+    user: Rest,
+    dovecot: Dovecot,
+    start_worker: Callable[[], Worker],
+    engine: EngineContext,
+) -> None:
+    email = dovecot.new_user("sigkill")
+    total = _big_mailbox(dovecot, email)
+    worker = start_worker()
+    source = create_source(user, dovecot, email)
+    _mid_run(user, source["id"])
+    worker.kill()
+    stopped_at = latest_run(user, source["id"])["messagesArchived"]
+    assert 0 < stopped_at < total
+    assert user.get(f"/v1/ingestion-sources/{source['id']}").json()["status"] == "importing"
+
+    start_worker()
+    # The scheduler's watchdog finds the dead worker's mailbox once its
+    # heartbeat is older than STALE_RUN_AFTER (3 s here) and sends it again.
+    wait_for(
+        lambda: (tick(engine), latest_run(user, source["id"]))[1],
+        lambda run: run["status"] != "running",
+        timeout=120,
+        what="the watchdog to revive the run",
+    )
+    done = settled(user, source["id"])
+    assert done["status"] == "active"
+    final = latest_run(user, source["id"])
+    assert final["messagesArchived"] == total
+    assert final["messagesFetched"] < total + 500
+    assert_archive_matches_server(user, source["id"], served(dovecot, email))
+
+
+def test_uidvalidity_reset_rescans_without_duplicates(
+    user: Rest, dovecot: Dovecot, start_worker: Callable[[], Worker]
+) -> None:
+    email = dovecot.new_user("uidvalidity")
+    spam = mbox_messages(SPAM)
+    dovecot.append(email, "INBOX", spam[:50])
+    dovecot.append(email, "Archive", spam[50:80])
+    start_worker()
+    source = create_source(user, dovecot, email)
+    assert settled(user, source["id"])["status"] == "active"
+
+    dovecot.set_uidvalidity(email, "INBOX", 4242)
+    dovecot.append(email, "INBOX", [b"X-After-Reset: 1\r\n" + spam[80]])
+    assert user.post(f"/v1/ingestion-sources/{source['id']}/sync").status_code == 202
+    assert settled(user, source["id"])["status"] == "active"
+    run = latest_run(user, source["id"])
+    assert (run["messagesFetched"], run["messagesArchived"]) == (51, 1)
+    assert run["messagesAlreadyPresent"] == 50
+    assert_archive_matches_server(user, source["id"], served(dovecot, email))
+
+
+def test_a_changed_password_is_an_error_until_fixed(
+    user: Rest, dovecot: Dovecot, start_worker: Callable[[], Worker]
+) -> None:
+    email = dovecot.new_user("password")
+    dovecot.append(email, "INBOX", mbox_messages(SPAM)[:10])
+    start_worker()
+    source = create_source(user, dovecot, email)
+    assert settled(user, source["id"])["status"] == "active"
+
+    dovecot.set_password(email, "changed-on-the-server")
+    assert user.post(f"/v1/ingestion-sources/{source['id']}/sync").status_code == 202
+    failed = settled(user, source["id"])
+    assert failed["status"] == "error"
+    assert "authentication failed" in failed["lastSyncStatusMessage"]
+    assert "changed-on-the-server" not in failed["lastSyncStatusMessage"]
+    run = latest_run(user, source["id"])
+    assert (run["status"], run["mailboxesFailed"]) == ("failed", 1)
+
+    fixed = user.put(
+        f"/v1/ingestion-sources/{source['id']}",
+        json={"providerConfig": {"password": "changed-on-the-server"}},
+    )
+    assert fixed.status_code == 200
+    dovecot.append(email, "INBOX", [b"X-Later: 1\r\n" + mbox_messages(SPAM)[10]])
+    assert user.post(f"/v1/ingestion-sources/{source['id']}/sync").status_code == 202
+    recovered = settled(user, source["id"])
+    assert recovered["status"] == "active"
+    assert latest_run(user, source["id"])["messagesArchived"] == 1
+    assert len(archived(user, source["id"])) == 11
+
+
+def test_deleting_a_source_removes_its_archive_and_unshared_blobs(
+    user: Rest,
+    admin: Rest,
+    dovecot: Dovecot,
+    start_worker: Callable[[], Worker],
+    engine: EngineContext,
+) -> None:
+    # Marked, so that no other test's source holds the same bytes.
+    marker = uuid.uuid4().hex.encode()
+    spam = [b"X-Deletion-Test: " + marker + b"\r\n" + m for m in mbox_messages(SPAM)]
+    first, second = dovecot.new_user("del-a"), dovecot.new_user("del-b")
+    dovecot.append(first, "INBOX", spam[100:110])
+    dovecot.append(second, "INBOX", spam[105:115])  # five messages in common
+    start_worker()
+    kept = create_source(user, dovecot, second)
+    doomed = create_source(user, dovecot, first)
+    for source in (kept, doomed):
+        assert settled(user, source["id"])["status"] == "active"
+    doomed_digests = {row["sha256"] for row in archived(user, doomed["id"])}
+    shared = doomed_digests & {row["sha256"] for row in archived(user, kept["id"])}
+    assert len(shared) == 5
+
+    admin.put("/v1/settings/system", json={"enableDeletion": True})
+    try:
+        assert user.delete(f"/v1/ingestion-sources/{doomed['id']}").status_code == 204
+    finally:
+        admin.put("/v1/settings/system", json={"enableDeletion": False})
+    assert user.get(f"/v1/ingestion-sources/{doomed['id']}/archived-emails").status_code == 404
+    assert {d for d in doomed_digests if engine.blobs.exists(d)} == shared
+    assert len(archived(user, kept["id"])) == 10
+
+
+def test_the_scheduler_syncs_due_sources_once_per_tick(
+    user: Rest, dovecot: Dovecot, engine: EngineContext, start_worker: Callable[[], Worker]
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqlalchemy import update
+
+    from ingestion_grpc.db.models import IngestionSource
+    from ingestion_grpc.engine.scheduler import schedule_due_syncs
+
+    email = dovecot.new_user("scheduled")
+    dovecot.append(email, "INBOX", mbox_messages(SPAM)[:3])
+    start_worker()
+    source = create_source(user, dovecot, email)
+    assert settled(user, source["id"])["status"] == "active"
+    dovecot.append(email, "INBOX", [b"X-Scheduled: 1\r\n" + mbox_messages(SPAM)[3]])
+
+    with engine.database.unit_of_work() as uow:
+        uow.session.execute(
+            update(IngestionSource)
+            .where(IngestionSource.id == source["id"])
+            .values(next_sync_at=IngestionSource.created_at)
+        )
+        uow.commit()
+    # Several schedulers at once (several machines): one claim wins.
+    with ThreadPoolExecutor(4) as pool:
+        claims = [c for claimed in pool.map(lambda _: schedule_due_syncs(engine), range(4))
+                  for c in claimed if c == source["id"]]
+    assert claims == [source["id"]]
+    assert settled(user, source["id"])["status"] == "active"
+    run = latest_run(user, source["id"])
+    assert (run["kind"], run["messagesArchived"]) == ("sync", 1)
+    assert schedule_due_syncs(engine).count(source["id"]) == 0, "not due again yet"

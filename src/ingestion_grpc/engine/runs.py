@@ -211,7 +211,7 @@ def _states(uow: UnitOfWork, run_id: str) -> dict[str, int]:
         .where(RunMailbox.run_id == run_id)
         .group_by(RunMailbox.state)
     )
-    return {state: count for state, count in rows.tuples()}
+    return {state: count for state, count in rows}
 
 
 def _count(uow: UnitOfWork, run_id: str) -> int:

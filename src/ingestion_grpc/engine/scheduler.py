@@ -89,7 +89,7 @@ def revive_lost_runs(ctx: EngineContext) -> None:
                 )
                 .values(run_requested_at=now())
                 .returning(IngestionSource.id, IngestionSource.status)
-            ).tuples()
+            )
         )
         for source_id, status in lost:
             uow.after_commit(
@@ -136,7 +136,7 @@ def revive_lost_mailboxes(ctx: EngineContext) -> None:
                 .where(in_running_run, dead | lost)
                 .values(state=MailboxState.PENDING, lease=None, enqueued_at=now())
                 .returning(RunMailbox.run_id, RunMailbox.mailbox)
-            ).tuples()
+            )
         )
         for run_id, mailbox in revived:
             uow.after_commit(partial(ctx.jobs.enqueue_mailbox, run_id, mailbox))
