@@ -2,7 +2,6 @@
 
 from tests.support.dovecot import dovecot
 from tests.support.envoy import envoy_factory
-from tests.support.workers import engine, start_worker
 from tests.support.services import (
     admin,
     database_url,
@@ -13,13 +12,14 @@ from tests.support.services import (
     rest_url,
     settings,
 )
+from tests.support.workers import engine, start_worker
 
 __all__ = [
     "admin",
     "database_url",
+    "dovecot",
     "engine",
     "environment",
-    "dovecot",
     "envoy_factory",
     "grpc_server",
     "make_client",

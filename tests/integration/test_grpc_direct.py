@@ -45,7 +45,9 @@ def _token(channel: grpc.Channel, email: str = ADMIN_EMAIL, password: str = ADMI
     return response.access_token
 
 
-def _create_request(name: str = "grpc source") -> ingestion_service_pb2.CreateIngestionSourceRequest:
+def _create_request(
+    name: str = "grpc source",
+) -> ingestion_service_pb2.CreateIngestionSourceRequest:
     config = struct_pb2.Struct()
     config.update(GOOGLE_CONFIG)
     return ingestion_service_pb2.CreateIngestionSourceRequest(

@@ -122,7 +122,9 @@ def test_import_sync_and_reimport(
     assert done["status"] == "active", done
     on_server = served(dovecot, email)
     assert {f: len(m) for f, m in on_server.items()} == {
-        "INBOX": 200, "Archive/2002": 200, NON_ASCII_FOLDER: 100
+        "INBOX": 200,
+        "Archive/2002": 200,
+        NON_ASCII_FOLDER: 100,
     }
     rows = assert_archive_matches_server(user, source["id"], on_server)
     everything = {sha: raw for messages in on_server.values() for sha, raw in messages.items()}
@@ -149,7 +151,9 @@ def test_import_sync_and_reimport(
     assert len(archived(user, source["id"])) == 508
     run = latest_run(user, source["id"])
     assert (run["kind"], run["messagesArchived"], run["messagesAlreadyPresent"]) == (
-        "import", 0, 508
+        "import",
+        0,
+        508,
     )
 
 
@@ -342,8 +346,12 @@ def test_the_scheduler_syncs_due_sources_once_per_tick(
         uow.commit()
     # Several schedulers at once (several machines): one claim wins.
     with ThreadPoolExecutor(4) as pool:
-        claims = [c for claimed in pool.map(lambda _: schedule_due_syncs(engine), range(4))
-                  for c in claimed if c == source["id"]]
+        claims = [
+            c
+            for claimed in pool.map(lambda _: schedule_due_syncs(engine), range(4))
+            for c in claimed
+            if c == source["id"]
+        ]
     assert claims == [source["id"]]
     assert settled(user, source["id"])["status"] == "active"
     run = latest_run(user, source["id"])

@@ -26,7 +26,9 @@ SERVICE_ACCOUNT_KEY = json.dumps(
     {
         "type": "service_account",
         "client_email": "archiver@example-project.iam.gserviceaccount.com",
-        "private_key": "-----BEGIN PRIVATE KEY-----\nTOP-SECRET-KEY-MATERIAL\n-----END PRIVATE KEY-----\n",
+        "private_key": (
+            "-----BEGIN PRIVATE KEY-----\nTOP-SECRET-KEY-MATERIAL\n-----END PRIVATE KEY-----\n"
+        ),
         "token_uri": "https://oauth2.googleapis.com/token",
     }
 )
@@ -178,9 +180,7 @@ def test_import_is_accepted_once_and_queued(
     again = user.post(path)
     assert again.status_code == 409
     assert "already running" in again.json()["message"]
-    assert queued(queue_namespace, idle_source["id"]) == sorted(
-        [*before, messages.IMPORT_SOURCE]
-    )
+    assert queued(queue_namespace, idle_source["id"]) == sorted([*before, messages.IMPORT_SOURCE])
 
 
 def test_sync_is_accepted_and_conflicts_while_running_or_paused(

@@ -24,24 +24,55 @@ def field_of(response_json: dict) -> str:
     [
         ({"provider": "google_workspace", "providerConfig": GOOGLE_CONFIG}, "name"),
         ({"name": " ", "provider": "google_workspace", "providerConfig": GOOGLE_CONFIG}, "name"),
-        ({"name": "x" * 201, "provider": "google_workspace", "providerConfig": GOOGLE_CONFIG}, "name"),
+        (
+            {"name": "x" * 201, "provider": "google_workspace", "providerConfig": GOOGLE_CONFIG},
+            "name",
+        ),
         ({"name": "n", "providerConfig": GOOGLE_CONFIG}, "provider"),
         ({"name": "n", "provider": "exchange_2003", "providerConfig": {}}, "provider"),
         ({"name": "n", "provider": "google_workspace"}, "providerConfig"),
         (
-            {"name": "n", "provider": "google_workspace", "providerConfig": {"impersonatedAdminEmail": "a@b.example"}},
+            {
+                "name": "n",
+                "provider": "google_workspace",
+                "providerConfig": {"impersonatedAdminEmail": "a@b.example"},
+            },
             "providerConfig.serviceAccountKeyJson",
         ),
         (
-            {"name": "n", "provider": "google_workspace", "providerConfig": {**GOOGLE_CONFIG, "colour": "blue"}},
+            {
+                "name": "n",
+                "provider": "google_workspace",
+                "providerConfig": {**GOOGLE_CONFIG, "colour": "blue"},
+            },
             "providerConfig.colour",
         ),
         (
-            {"name": "n", "provider": "generic_imap", "providerConfig": {"host": "h", "port": "993", "secure": True, "username": "u", "password": "p"}},
+            {
+                "name": "n",
+                "provider": "generic_imap",
+                "providerConfig": {
+                    "host": "h",
+                    "port": "993",
+                    "secure": True,
+                    "username": "u",
+                    "password": "p",
+                },
+            },
             "providerConfig.port",
         ),
         (
-            {"name": "n", "provider": "generic_imap", "providerConfig": {"host": "h", "port": 993, "secure": "yes", "username": "u", "password": "p"}},
+            {
+                "name": "n",
+                "provider": "generic_imap",
+                "providerConfig": {
+                    "host": "h",
+                    "port": 993,
+                    "secure": "yes",
+                    "username": "u",
+                    "password": "p",
+                },
+            },
             "providerConfig.secure",
         ),
         (
@@ -87,6 +118,8 @@ def test_unknown_query_parameter_is_a_json_400(user: Rest) -> None:
 
 
 def test_wrong_json_type_is_a_json_400(user: Rest) -> None:
-    response = user.post("/v1/ingestion-sources", json={"name": 5, "provider": [], "providerConfig": 3})
+    response = user.post(
+        "/v1/ingestion-sources", json={"name": 5, "provider": [], "providerConfig": 3}
+    )
     assert response.status_code == 400
     assert response.headers["content-type"].startswith("application/json")

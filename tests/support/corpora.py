@@ -17,13 +17,11 @@ def mbox_messages(path: Path) -> tuple[bytes, ...]:
     """Every message of an mbox as `mailbox.mbox(...).get_bytes` returns it."""
     box = mailbox.mbox(path, create=False)
     try:
-        return tuple(box.get_bytes(key) for key in box.keys())
+        return tuple(box.get_bytes(key) for key in box.iterkeys())
     finally:
         box.close()
 
 
 def numbered(messages: tuple[bytes, ...], copies: int) -> list[bytes]:
     """`copies` distinct copies of each message: a header in front makes each unique."""
-    return [
-        b"X-Test-Copy: %d\r\n" % copy + raw for copy in range(copies) for raw in messages
-    ]
+    return [b"X-Test-Copy: %d\r\n" % copy + raw for copy in range(copies) for raw in messages]

@@ -28,8 +28,16 @@ class Worker:
     def start(self) -> Worker:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "dramatiq", "ingestion_grpc.jobs.actors",
-                 "--processes", "1", "--threads", "2"],
+                [
+                    sys.executable,
+                    "-m",
+                    "dramatiq",
+                    "ingestion_grpc.jobs.actors",
+                    "--processes",
+                    "1",
+                    "--threads",
+                    "2",
+                ],
                 env=self._environment,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -58,9 +66,7 @@ class Worker:
 
 
 @pytest.fixture
-def start_worker(
-    environment: dict[str, str], tmp_path: Path
-) -> Iterator[Callable[[], Worker]]:
+def start_worker(environment: dict[str, str], tmp_path: Path) -> Iterator[Callable[[], Worker]]:
     """`start_worker()` starts one more worker; all are stopped after the test."""
     workers: list[Worker] = []
 
