@@ -7,31 +7,49 @@ ingestion-grpc create-user EMAIL --role user        prompts for the password
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import os
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 from ingestion_grpc.auth.permissions import Role
 from ingestion_grpc.auth.services import create_user
-from ingestion_grpc.config import Settings
 from ingestion_grpc.db.migrate import upgrade_to_head
 from ingestion_grpc.db.session import Database
 from ingestion_grpc.errors import IngestionError
 
 
+@contextlib.contextmanager
+def _database_url() -> Iterator[str]:
+    """DATABASE_URL, or the embedded PostgreSQL that `make run` uses under DATA_DIR."""
+    if os.environ.get("DATABASE_URL", "").strip():
+        yield os.environ["DATABASE_URL"]
+        return
+    from ingestion_grpc.stack import embedded_services
+
+    data_dir = Path(os.environ.get("DATA_DIR", "./data")).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # Only PostgreSQL is needed: a placeholder keeps the embedded Redis off.
+    with embedded_services(data_dir, {"REDIS_URL": "unused"}) as urls:
+        yield urls["DATABASE_URL"]
+
+
 def _create_user(args: argparse.Namespace) -> int:
     password = os.environ.get("NEW_USER_PASSWORD") or getpass.getpass("Password: ")
-    database = Database(Settings.from_env().database_url)
-    try:
-        upgrade_to_head(database.engine)
-        with database.unit_of_work() as uow:
-            user = create_user(uow, args.email, password, Role(args.role))
-            uow.commit()
-    except IngestionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    finally:
-        database.dispose()
+    with _database_url() as url:
+        database = Database(url)
+        try:
+            upgrade_to_head(database.engine)
+            with database.unit_of_work() as uow:
+                user = create_user(uow, args.email, password, Role(args.role))
+                uow.commit()
+        except IngestionError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        finally:
+            database.dispose()
     print(f"created {user.role} {user.email} ({user.id})")
     return 0
 
