@@ -12,11 +12,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from tests.support.dovecot import Dovecot, free_port
 
 from ingestion_grpc.errors import ConnectionCheckFailed, ProviderAuthError
 from ingestion_grpc.providers import imap as imap_module
 from ingestion_grpc.providers.imap import GenericImap, connect, disconnect
+from tests.support.dovecot import Dovecot, free_port
 
 PASSWORD = "correct-Horse-battery-staple-42"
 
