@@ -17,6 +17,8 @@ from ingestion_grpc.errors import ConfigurationError
 
 _DURATION = re.compile(r"^(\d+)\s*([smhd]?)$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE = re.compile(r"^(\d+)\s*([kmgt]?)(?:i?b)?$")
+_UNIT_BYTES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 def parse_duration(text: str, variable: str) -> timedelta:
@@ -25,6 +27,15 @@ def parse_duration(text: str, variable: str) -> timedelta:
     if not match or int(match.group(1)) <= 0:
         raise ConfigurationError(f"{variable} must be a positive duration like 7d, 12h or 300s")
     return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+
+
+def parse_size(text: str, variable: str) -> int:
+    """Parse a byte count: `1048576`, or with a binary suffix `500K`, `500M`, `10G`, `1T`
+    (also written `10GB` or `10GiB`; every suffix counts in powers of 1024)."""
+    match = _SIZE.match(text.strip().lower())
+    if not match or int(match.group(1)) <= 0:
+        raise ConfigurationError(f"{variable} must be a positive size like 10G, 500M or 1048576")
+    return int(match.group(1)) * _UNIT_BYTES[match.group(2)]
 
 
 def parse_bool(text: str, variable: str) -> bool:
@@ -73,6 +84,8 @@ class Settings:
     enable_deletion_default: bool
     sync_interval: timedelta
     import_root: Path
+    upload_root: Path
+    max_upload_bytes: int
     queue_namespace: str
     stale_run_after: timedelta
     scheduler_tick: timedelta
@@ -93,6 +106,10 @@ class Settings:
             ),
             sync_interval=parse_duration(environ.get("SYNC_INTERVAL", "5m"), "SYNC_INTERVAL"),
             import_root=Path(environ.get("IMPORT_ROOT", str(data_dir / "imports"))).resolve(),
+            upload_root=Path(environ.get("UPLOAD_ROOT", str(data_dir / "uploads"))).resolve(),
+            max_upload_bytes=parse_size(
+                environ.get("MAX_UPLOAD_BYTES", "10G"), "MAX_UPLOAD_BYTES"
+            ),
             queue_namespace=environ.get("QUEUE_NAMESPACE", "dramatiq"),
             stale_run_after=parse_duration(environ.get("STALE_RUN_AFTER", "2m"), "STALE_RUN_AFTER"),
             scheduler_tick=parse_duration(environ.get("SCHEDULER_TICK", "15s"), "SCHEDULER_TICK"),

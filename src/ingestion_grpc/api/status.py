@@ -27,39 +27,30 @@ _CODES: list[tuple[type[errors.IngestionError], int]] = [
 def to_status(error: errors.IngestionError) -> grpc.Status:
     code = next((c for cls, c in _CODES if isinstance(error, cls)), code_pb2.INTERNAL)
     status = status_pb2.Status(code=code, message=_message(error))
-    if isinstance(error, errors.InvalidArgument):
-        _attach(
-            status,
-            error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(
-                        field=error.field, description=error.description
-                    )
-                ]
-            ),
-        )
-    elif isinstance(error, errors.ConnectionCheckFailed):
-        _attach(
-            status,
-            error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(
-                        field="providerConfig", description=str(error)
-                    )
-                ]
-            ),
-        )
+    violation = _field_violation(error)
+    if violation is not None:
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+        status.details.append(detail)
     result: grpc.Status = rpc_status.to_status(status)
     return result
+
+
+def _field_violation(
+    error: errors.IngestionError,
+) -> error_details_pb2.BadRequest.FieldViolation | None:
+    if isinstance(error, errors.InvalidArgument):
+        return error_details_pb2.BadRequest.FieldViolation(
+            field=error.field, description=error.description
+        )
+    if isinstance(error, errors.ConnectionCheckFailed):
+        return error_details_pb2.BadRequest.FieldViolation(
+            field="providerConfig", description=str(error)
+        )
+    return None
 
 
 def _message(error: errors.IngestionError) -> str:
     if isinstance(error, errors.ConnectionCheckFailed):
         return f"Connection check failed: {error}"
     return str(error)
-
-
-def _attach(status: status_pb2.Status, detail: error_details_pb2.BadRequest) -> None:
-    packed = any_pb2.Any()
-    packed.Pack(detail)
-    status.details.append(packed)

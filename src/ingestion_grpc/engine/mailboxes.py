@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import Update, select, update
 from sqlalchemy.dialects.postgresql import insert
 
 from ingestion_grpc.archive.catalog import record_batch
@@ -146,13 +146,8 @@ def _ingest(ctx: EngineContext, claim: Claim, provider: Provider, cursor: JsonDi
 def _record(uow: UnitOfWork, claim: Claim, batch: Batch, digests: list[str]) -> str | None:
     """Write one batch's rows, cursor and counters; the source's status after."""
     still_ours = uow.session.execute(
-        update(RunMailbox)
-        .where(
-            RunMailbox.run_id == claim.run_id,
-            RunMailbox.mailbox == claim.mailbox,
-            RunMailbox.lease == claim.lease,
-            RunMailbox.state == MailboxState.RUNNING,
-        )
+        _held(claim)
+        .where(RunMailbox.state == MailboxState.RUNNING)
         .values(heartbeat_at=now())
         .returning(RunMailbox.run_id)
     ).first()
@@ -183,16 +178,19 @@ def _record(uow: UnitOfWork, claim: Claim, batch: Batch, digests: list[str]) -> 
     )
 
 
+def _held(claim: Claim) -> Update:
+    """An UPDATE of the claimed mailbox row that matches only while the lease holds."""
+    return update(RunMailbox).where(
+        RunMailbox.run_id == claim.run_id,
+        RunMailbox.mailbox == claim.mailbox,
+        RunMailbox.lease == claim.lease,
+    )
+
+
 def _release_in(uow: UnitOfWork, claim: Claim, *, pause_run: bool) -> None:
     """Hand the mailbox back (pending) if this worker still holds it."""
     uow.session.execute(
-        update(RunMailbox)
-        .where(
-            RunMailbox.run_id == claim.run_id,
-            RunMailbox.mailbox == claim.mailbox,
-            RunMailbox.lease == claim.lease,
-        )
-        .values(state=MailboxState.PENDING, lease=None, enqueued_at=now())
+        _held(claim).values(state=MailboxState.PENDING, lease=None, enqueued_at=now())
     )
     if pause_run:
         uow.session.execute(
@@ -211,12 +209,6 @@ def _release(ctx: EngineContext, claim: Claim) -> None:
 def _end(ctx: EngineContext, claim: Claim, state: str, error: str) -> None:
     with ctx.database.unit_of_work() as uow:
         uow.session.execute(
-            update(RunMailbox)
-            .where(
-                RunMailbox.run_id == claim.run_id,
-                RunMailbox.mailbox == claim.mailbox,
-                RunMailbox.lease == claim.lease,
-            )
-            .values(state=state, lease=None, error_message=error, heartbeat_at=now())
+            _held(claim).values(state=state, lease=None, error_message=error, heartbeat_at=now())
         )
         uow.commit()
