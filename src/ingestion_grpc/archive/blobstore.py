@@ -1,0 +1,291 @@
+"""Content-addressed storage of message bytes, behind the small `BlobStore` interface.
+
+A blob is named by the lowercase hex SHA-256 of its bytes, so content can never
+change under a name and storing the same bytes twice is a no-op. A store must
+make a blob durable before `put` / `put_many` returns: the caller commits the
+metadata row that names the blob right after, and a row must never point at
+bytes a crash could lose.
+
+Backends are named after where they keep the bytes (`LocalBlobStore`); the one
+in use is chosen by `blob_store_from_settings`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import BinaryIO, TypeVar
+
+from ingestion_grpc.errors import InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+# Files written and fsync'd per round of `LocalBlobStore.put_many`: bounds the open
+# file descriptors (the default soft limit is often 1,024).
+_CHUNK = 256
+# fsync calls in flight at once: the filesystem journal groups concurrent ones.
+_SYNC_THREADS = 16
+
+_T = TypeVar("_T")
+
+
+class BlobNotFound(NotFound):
+    """Raised when no blob with the given SHA-256 is stored."""
+
+
+class InvalidDigest(InvalidArgument):
+    """Raised when a blob name is not 64 lowercase hex characters."""
+
+    def __init__(self) -> None:
+        super().__init__("sha256", "must be 64 lowercase hexadecimal characters")
+
+
+def sha256_hex(data: bytes) -> str:
+    """Return the name a blob store gives `data`: its lowercase hex SHA-256."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_digest(sha256: str) -> str:
+    """Return `sha256` if it is a well-formed blob name, else raise InvalidDigest.
+
+    Every backend calls this before using a name, so a name can never become a
+    path outside the store (`../`, `/`, NUL) or a key it did not mean.
+    """
+    if not isinstance(sha256, str) or _DIGEST.fullmatch(sha256) is None:
+        raise InvalidDigest()
+    return sha256
+
+
+class BlobStore:
+    """Base class of blob stores: subclasses override the methods that raise.
+
+    Blobs are immutable and named by `sha256_hex` of their bytes. Every method
+    that takes a name raises `InvalidDigest` for a malformed one. Deleting is
+    the caller's decision: a blob may be named by several metadata rows.
+    """
+
+    def put(self, data: bytes) -> str:
+        """Store `data` durably and return its SHA-256 name.
+
+        Idempotent: if the blob already exists the bytes are not written again.
+        When this returns, the blob survives a crash or power loss.
+        """
+        raise NotImplementedError
+
+    def put_many(self, blobs: list[bytes]) -> list[str]:
+        """Store every blob durably; return their names in the order given.
+
+        Duplicates in `blobs` are fine (and stored once). When this returns,
+        every blob of the batch survives a crash; if it raises, some of the
+        batch may be stored, which is harmless because names are content.
+        """
+        return [self.put(data) for data in blobs]
+
+    def open(self, sha256: str) -> BinaryIO:
+        """Return a binary file object reading the blob; raise BlobNotFound if absent."""
+        raise NotImplementedError
+
+    def read(self, sha256: str) -> bytes:
+        """Return the blob's bytes; raise BlobNotFound if absent."""
+        with self.open(sha256) as blob:
+            return blob.read()
+
+    def exists(self, sha256: str) -> bool:
+        """Return whether the blob is stored."""
+        raise NotImplementedError
+
+    def size(self, sha256: str) -> int:
+        """Return the blob's length in bytes; raise BlobNotFound if absent."""
+        raise NotImplementedError
+
+    def delete(self, sha256: str) -> None:
+        """Remove the blob; removing one that is not stored is not an error."""
+        raise NotImplementedError
+
+
+class LocalBlobStore(BlobStore):
+    """Blobs as read-only files under `root`, at `root/ab/cd/<sha256>`.
+
+    A write goes to a temporary file in the blob's directory, is fsync'd, then
+    renamed over the final name (`os.replace`); the blob's directory, and the
+    parent of any directory created on the way, are fsync'd after the rename.
+    A reader sees a whole blob or none, and a blob is on disk before its name
+    is returned. Leftover `.*.tmp` files in the tree come only from a crash
+    mid-write and may be deleted.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._root_ready = False
+
+    def path(self, sha256: str) -> Path:
+        """Return where the blob lives (or would live)."""
+        check_digest(sha256)
+        return self.root / sha256[:2] / sha256[2:4] / sha256
+
+    def put(self, data: bytes) -> str:
+        return self.put_many([data])[0]
+
+    def put_many(self, blobs: list[bytes]) -> list[str]:
+        """Store a batch: write every new file, fsync them together, rename them,
+        then fsync each directory involved once."""
+        self._ensure_root()
+        names = [sha256_hex(data) for data in blobs]
+        to_write: dict[str, bytes] = {}
+        dirs: dict[Path, None] = {}  # an ordered set
+        for name, data in zip(names, blobs, strict=True):
+            if name in to_write:
+                continue
+            final = self.path(name)
+            for created in self._make_parents(final):
+                dirs[created.parent] = None
+            # The blob's directory is fsync'd even when nothing is written: a
+            # writer that crashed after its rename may have left the entry in
+            # memory only.
+            dirs[final.parent] = None
+            if not self._holds(final, len(data)):
+                to_write[name] = data
+        items = list(to_write.items())
+        for start in range(0, len(items), _CHUNK):
+            self._write_chunk(items[start : start + _CHUNK])
+        _in_parallel(_fsync_dir, dirs)
+        return names
+
+    def open(self, sha256: str) -> BinaryIO:
+        try:
+            return open(self.path(sha256), "rb")
+        except FileNotFoundError:
+            raise BlobNotFound(f"blob {sha256} is not stored") from None
+
+    def exists(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def size(self, sha256: str) -> int:
+        try:
+            return self.path(sha256).stat().st_size
+        except FileNotFoundError:
+            raise BlobNotFound(f"blob {sha256} is not stored") from None
+
+    def delete(self, sha256: str) -> None:
+        final = self.path(sha256)
+        try:
+            final.unlink()
+        except FileNotFoundError:
+            return
+        # Empty directories stay: removing one could race a concurrent put.
+        _fsync_dir(final.parent)
+
+    def _ensure_root(self) -> None:
+        if self._root_ready:
+            return
+        missing = [p for p in (self.root, *self.root.parents) if not p.exists()]
+        self.root.mkdir(parents=True, exist_ok=True)
+        for created in reversed(missing):
+            _fsync_dir(created.parent)
+        self._root_ready = True
+
+    def _make_parents(self, final: Path) -> list[Path]:
+        """Create the blob's two directory levels; return those this call created.
+
+        A directory found in place was synced by the writer that created it (a
+        writer that crashed first left an entry that the journal commits with
+        the next fsync on ext4 and XFS).
+        """
+        created = []
+        for directory in (final.parent.parent, final.parent):
+            try:
+                directory.mkdir()
+            except FileExistsError:
+                continue
+            created.append(directory)
+        return created
+
+    def _holds(self, final: Path, size: int) -> bool:
+        """Whether `final` already holds the blob (a name is its content; the
+        size check catches a file damaged outside this code)."""
+        try:
+            found = final.stat().st_size
+        except FileNotFoundError:
+            return False
+        if found != size:
+            log.warning("blob %s has %d bytes, expected %d: rewriting it", final.name, found, size)
+            return False
+        return True
+
+    def _write_chunk(self, items: list[tuple[str, bytes]]) -> None:
+        fds: list[int] = []
+        temps: list[tuple[str, Path]] = []  # (temporary path, final path)
+        renamed = 0
+        try:
+            try:
+                for name, data in items:
+                    final = self.path(name)
+                    fd, tmp = tempfile.mkstemp(
+                        dir=final.parent, prefix=f".{name[:16]}.", suffix=".tmp"
+                    )
+                    fds.append(fd)
+                    temps.append((tmp, final))
+                    _write_all(fd, data)
+                    os.fchmod(fd, 0o444)
+                _in_parallel(os.fsync, fds)
+            finally:
+                for fd in fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            for tmp, final in temps:
+                os.replace(tmp, final)
+                renamed += 1
+        except BaseException:
+            for tmp, _ in temps[renamed:]:
+                _unlink_quietly(tmp)
+            raise
+
+
+def blob_store_from_settings(data_dir: Path) -> BlobStore:
+    """Return the blob store the service uses: files under `data_dir / "blobs"`.
+
+    This is the one place a backend is chosen; an S3-compatible store would be
+    selected here by configuration, and callers only see `BlobStore`.
+    """
+    return LocalBlobStore(Path(data_dir) / "blobs")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _in_parallel(func: Callable[[_T], object], args: Iterable[_T]) -> None:
+    """Call `func` on every argument, several at once; re-raise the first error."""
+    todo = list(args)
+    if len(todo) <= 2:  # not worth a thread pool
+        for arg in todo:
+            func(arg)
+        return
+    with ThreadPoolExecutor(max_workers=min(_SYNC_THREADS, len(todo))) as pool:
+        for _ in pool.map(func, todo):
+            pass
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)

@@ -1,0 +1,277 @@
+"""The blob store: a conformance suite every implementation must pass, then what
+only the local backend promises (layout, read-only files, fsync before return)."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ingestion_grpc.archive.blobstore import (
+    BlobNotFound,
+    BlobStore,
+    InvalidDigest,
+    LocalBlobStore,
+    blob_store_from_settings,
+    sha256_hex,
+)
+from ingestion_grpc.errors import InvalidArgument, NotFound
+
+# Every implementation, built on a fresh temporary directory.
+IMPLEMENTATIONS: list[Callable[[Path], BlobStore]] = [
+    lambda tmp: LocalBlobStore(tmp / "blobs"),
+]
+IMPLEMENTATION_IDS = ["LocalBlobStore"]
+
+EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+MISSING = "0" * 64
+BAD_DIGESTS = [
+    "",
+    "abc",
+    "0" * 63,
+    "0" * 65,
+    "A" * 64,  # uppercase is not the canonical name
+    "g" * 64,
+    "../" + "0" * 61,
+    "/" + "0" * 63,
+    "0" * 63 + "\x00",
+    "0" * 63 + "\n",
+]
+
+
+@pytest.fixture(params=IMPLEMENTATIONS, ids=IMPLEMENTATION_IDS)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
+    factory: Callable[[Path], BlobStore] = request.param
+    return factory(tmp_path)
+
+
+# The interface
+
+
+def _abstract_methods() -> list[str]:
+    return [
+        name
+        for name, member in vars(BlobStore).items()
+        if inspect.isfunction(member) and "raise NotImplementedError" in inspect.getsource(member)
+    ]
+
+
+def test_the_interface_is_small_and_documented() -> None:
+    assert sorted(_abstract_methods()) == ["delete", "exists", "open", "put", "size"]
+    for name, member in vars(BlobStore).items():
+        if inspect.isfunction(member):
+            assert member.__doc__, f"BlobStore.{name} has no docstring"
+
+
+@pytest.mark.parametrize("factory", IMPLEMENTATIONS, ids=IMPLEMENTATION_IDS)
+def test_implementation_matches_interface(
+    factory: Callable[[Path], BlobStore], tmp_path: Path
+) -> None:
+    cls = type(factory(tmp_path))
+    assert issubclass(cls, BlobStore)
+    for name in _abstract_methods():
+        assert getattr(cls, name) is not getattr(BlobStore, name), f"{cls.__name__}.{name}"
+    for name, member in vars(BlobStore).items():
+        if inspect.isfunction(member) and not name.startswith("_"):
+            assert inspect.signature(getattr(cls, name)) == inspect.signature(member), name
+
+
+def test_errors_belong_to_the_error_tree() -> None:
+    assert issubclass(BlobNotFound, NotFound)
+    assert issubclass(InvalidDigest, InvalidArgument)
+    assert InvalidDigest().field == "sha256"
+
+
+# Conformance: every implementation
+
+
+def test_put_then_open_gives_identical_bytes(store: BlobStore) -> None:
+    data = b"From: a@example.com\r\nSubject: hi\r\n\r\n\x00\xff body\r\n"
+    digest = store.put(data)
+    assert digest == hashlib.sha256(data).hexdigest() == sha256_hex(data)
+    with store.open(digest) as blob:
+        assert blob.read() == data
+    assert store.read(digest) == data
+    assert store.exists(digest)
+    assert store.size(digest) == len(data)
+
+
+def test_empty_and_large_blobs(store: BlobStore) -> None:
+    assert store.put(b"") == EMPTY_SHA256
+    assert store.read(EMPTY_SHA256) == b""
+    assert store.size(EMPTY_SHA256) == 0
+    big = os.urandom(3 << 20)
+    digest = store.put(big)
+    assert store.read(digest) == big
+    assert store.size(digest) == len(big)
+
+
+def test_put_is_idempotent(store: BlobStore) -> None:
+    data = b"the same bytes"
+    first = store.put(data)
+    assert store.put(data) == first
+    assert store.put_many([data, data]) == [first, first]
+    assert store.read(first) == data
+
+
+def test_put_many_returns_digests_in_order(store: BlobStore) -> None:
+    blobs = [f"message {i}".encode() for i in range(50)]
+    blobs.insert(10, blobs[3])  # a duplicate inside the batch
+    digests = store.put_many(blobs)
+    assert digests == [sha256_hex(data) for data in blobs]
+    for digest, data in zip(digests, blobs, strict=True):
+        assert store.read(digest) == data
+    assert store.put_many([]) == []
+
+
+def test_missing_blob(store: BlobStore) -> None:
+    assert not store.exists(MISSING)
+    with pytest.raises(BlobNotFound):
+        store.open(MISSING)
+    with pytest.raises(BlobNotFound):
+        store.read(MISSING)
+    with pytest.raises(BlobNotFound):
+        store.size(MISSING)
+    store.delete(MISSING)  # deleting what is not there is fine
+
+
+def test_delete(store: BlobStore) -> None:
+    digest = store.put(b"to be deleted")
+    store.delete(digest)
+    assert not store.exists(digest)
+    with pytest.raises(BlobNotFound):
+        store.open(digest)
+    store.delete(digest)
+    assert store.put(b"to be deleted") == digest  # and it can come back
+    assert store.read(digest) == b"to be deleted"
+
+
+@pytest.mark.parametrize("bad", BAD_DIGESTS)
+def test_invalid_digest_is_rejected_everywhere(store: BlobStore, bad: str) -> None:
+    for call in (store.open, store.read, store.exists, store.size, store.delete):
+        with pytest.raises(InvalidDigest):
+            call(bad)
+
+
+# LocalBlobStore specifics
+
+
+def test_local_layout_and_read_only_files(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "deep" / "blobs")
+    data = b"layout"
+    digest = store.put(data)
+    path = tmp_path / "deep" / "blobs" / digest[:2] / digest[2:4] / digest
+    assert store.path(digest) == path
+    assert path.read_bytes() == data
+    assert stat.S_IMODE(path.stat().st_mode) == 0o444
+    assert [p.name for p in path.parent.iterdir()] == [digest]  # no temporary file left
+
+
+def test_local_second_put_does_not_rewrite(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path)
+    digest = store.put(b"once")
+    inode = store.path(digest).stat().st_ino
+    store.put(b"once")
+    store.put_many([b"once"])
+    assert store.path(digest).stat().st_ino == inode
+
+
+def test_local_repairs_a_damaged_blob(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path)
+    digest = store.put(b"whole message")
+    path = store.path(digest)
+    path.chmod(0o644)
+    path.write_bytes(b"whole")  # damaged outside the store
+    assert store.put(b"whole message") == digest
+    assert path.read_bytes() == b"whole message"
+
+
+def test_local_put_many_is_durable_before_it_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every file is fsync'd before its rename; after the renames, every blob's
+    directory and the parent of every new directory, each once."""
+    store = LocalBlobStore(tmp_path / "blobs")
+    store.put(b"first")  # the root exists from here on
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        events.append(("replace", f"{src} -> {dst}"))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    blobs = [f"blob {i}".encode() * 100 for i in range(300)]  # more than one chunk
+    digests = store.put_many(blobs)
+    monkeypatch.undo()
+
+    last_rename = max(i for i, (kind, _) in enumerate(events) if kind == "replace")
+    synced_after = [target for kind, target in events[last_rename:] if kind == "fsync"]
+    for digest in digests:
+        final = store.path(digest)
+        rename_at, rename = next(
+            (i, target)
+            for i, (kind, target) in enumerate(events)
+            if kind == "replace" and target.endswith(f" -> {final}")
+        )
+        temporary = rename.split(" -> ")[0]
+        assert ("fsync", temporary) in events[:rename_at], digest
+        assert str(final.parent) in synced_after, digest
+        assert str(final.parent.parent) in synced_after, digest  # it was created
+    assert str(store.root) in synced_after  # it gained first-level directories
+    assert len(synced_after) == len(set(synced_after))  # once per batch, not per blob
+
+    # A second batch into existing directories syncs only the blobs' directories.
+    events.clear()
+    monkeypatch.setattr(os, "fsync", fsync)
+    more = [b"another " + data for data in blobs[:50]]
+    for data in more:
+        store.path(sha256_hex(data)).parent.mkdir(parents=True, exist_ok=True)
+    store.put_many(more)
+    monkeypatch.undo()
+    directories = {target for kind, target in events if kind == "fsync" and Path(target).is_dir()}
+    assert directories == {str(store.path(sha256_hex(data)).parent) for data in more}
+
+
+def test_local_failed_batch_leaves_no_temporary_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalBlobStore(tmp_path)
+    real_replace = os.replace
+    calls = 0
+
+    def failing_replace(src: str, dst: str) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        store.put_many([f"blob {i}".encode() for i in range(10)])
+    monkeypatch.undo()
+    leftovers = [p for p in tmp_path.rglob("*") if p.is_file() and p.name.endswith(".tmp")]
+    assert leftovers == []
+    stored = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(stored) == 2  # the two renamed before the failure are whole blobs
+    for path in stored:
+        assert sha256_hex(path.read_bytes()) == path.name
+
+
+def test_blob_store_from_settings(tmp_path: Path) -> None:
+    store = blob_store_from_settings(tmp_path)
+    assert isinstance(store, LocalBlobStore)
+    assert store.root == tmp_path / "blobs"
+    digest = store.put(b"configured")
+    assert (tmp_path / "blobs" / digest[:2] / digest[2:4] / digest).is_file()
