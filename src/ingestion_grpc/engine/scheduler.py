@@ -17,6 +17,7 @@ from types import FrameType
 from sqlalchemy import and_, exists, false, select, update
 
 from ingestion_grpc.config import Settings
+from ingestion_grpc.db.migrate import upgrade_to_head
 from ingestion_grpc.db.models import IngestionSource, RunMailbox, SyncSession
 from ingestion_grpc.domain.states import RUNNING, RunKind, SourceStatus
 from ingestion_grpc.engine.context import EngineContext
@@ -153,6 +154,8 @@ def main() -> None:
     settings = Settings.from_env()
     jobs = DramatiqJobQueue(redis_broker(settings.redis_url, settings.queue_namespace))
     ctx = EngineContext.from_settings(settings, jobs)
+    # The scheduler may start before any server: the schema must exist first.
+    upgrade_to_head(ctx.database.engine)
     stopping = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
