@@ -32,7 +32,7 @@ from ingestion_grpc.domain.states import (
 from ingestion_grpc.engine.runs import open_run
 from ingestion_grpc.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
 from ingestion_grpc.jobs.queue import JobQueue
-from ingestion_grpc.providers.base import JsonDict, Provider
+from ingestion_grpc.providers.base import JsonDict, Provider, ProviderEnvironment
 from ingestion_grpc.providers.registry import provider_class
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,14 @@ class SourceChanges:
 
 class SourceService:
     def __init__(
-        self, database: Database, cipher: CredentialCipher, jobs: JobQueue, blobs: BlobStore
+        self,
+        database: Database,
+        cipher: CredentialCipher,
+        jobs: JobQueue,
+        blobs: BlobStore,
+        provider_environment: ProviderEnvironment,
     ) -> None:
+        self._provider_environment = provider_environment
         self._database = database
         self._cipher = cipher
         self._jobs = jobs
@@ -74,7 +80,7 @@ class SourceService:
         config = cls.validate_config(provider_config)
         # Checked before anything is stored: a source that cannot connect is
         # never created.
-        cls(config).check_connection()
+        cls(config, self._provider_environment).check_connection()
         source_id = new_id()
         source = IngestionSource(
             id=source_id,
@@ -116,7 +122,7 @@ class SourceService:
             source.name = _valid_name(changes.name)
         if changes.provider is not None or changes.provider_config is not None:
             provider, config = self._changed_config(source, changes)
-            provider_class(provider)(config).check_connection()
+            provider_class(provider)(config, self._provider_environment).check_connection()
             source.provider = provider
             source.sealed_config = self._cipher.seal(config, bound_to=source.id)
         if changes.status is not None:

@@ -11,7 +11,7 @@ from ingestion_grpc.crypto import CredentialCipher
 from ingestion_grpc.db.models import IngestionSource
 from ingestion_grpc.db.session import Database
 from ingestion_grpc.jobs.queue import JobQueue
-from ingestion_grpc.providers.base import Provider
+from ingestion_grpc.providers.base import Provider, ProviderEnvironment
 from ingestion_grpc.providers.registry import provider_class
 
 
@@ -23,6 +23,7 @@ class EngineContext:
     jobs: JobQueue
     sync_interval: timedelta
     stale_after: timedelta
+    provider_environment: ProviderEnvironment
 
     @classmethod
     def from_settings(cls, settings: Settings, jobs: JobQueue) -> EngineContext:
@@ -33,8 +34,9 @@ class EngineContext:
             jobs=jobs,
             sync_interval=settings.sync_interval,
             stale_after=settings.stale_run_after,
+            provider_environment=settings.provider_environment,
         )
 
     def provider_for(self, source: IngestionSource) -> Provider:
         config = self.cipher.open(source.sealed_config, bound_to=source.id)
-        return provider_class(source.provider)(config)
+        return provider_class(source.provider)(config, self.provider_environment)

@@ -135,8 +135,11 @@ def finish_if_complete(ctx: EngineContext, run_id: str) -> None:
                 .limit(3)
             )
         )
-        _close(uow, run, states, "; ".join(errors), ctx.sync_interval)
+        source = _close(uow, run, states, "; ".join(errors), ctx.sync_interval)
         uow.commit()
+    if source is not None and run.status == RunState.COMPLETED and run.kind == RunKind.IMPORT:
+        # Only now may a one-shot input (an uploaded file) go: every message is in.
+        ctx.provider_for(source).after_successful_import()
 
 
 def close_run(ctx: EngineContext, run_id: str, error: str) -> None:
@@ -156,7 +159,8 @@ def _close(
     error: str,
     interval: timedelta,
     listing_failed: bool = False,
-) -> None:
+) -> IngestionSource | None:
+    """Close the run and move its source on; the source, unless it was deleted."""
     finished = now()
     run.mailboxes_done = states.get(MailboxState.DONE, 0)
     run.mailboxes_failed = states.get(MailboxState.FAILED, 0)
@@ -166,7 +170,7 @@ def _close(
     run.error_message = error
     source = uow.session.get(IngestionSource, run.source_id, with_for_update=True)
     if source is None:
-        return
+        return None
     if failed:
         source.consecutive_failures += 1
         backoff = min(interval * 2 ** min(source.consecutive_failures, 10), MAX_BACKOFF)
@@ -186,6 +190,7 @@ def _close(
     log.info(
         "run %s of source %s %s: %s", run.id, source.id, run.status, source.last_sync_status_message
     )
+    return source
 
 
 def _summary(run: SyncSession, failed: bool) -> str:

@@ -7,8 +7,10 @@ those. Adding a provider is adding a module here and a line in `registry.py`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from ingestion_grpc.errors import InvalidArgument
@@ -34,6 +36,23 @@ class Batch:
 
 
 @dataclass(frozen=True)
+class ProviderEnvironment:
+    """What the deployment, not the source, decides: where local files may be read."""
+
+    import_root: Path
+    upload_root: Path
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> ProviderEnvironment:
+        """The roots as Settings reads them (IMPORT_ROOT, UPLOAD_ROOT, under DATA_DIR)."""
+        data_dir = Path(environ.get("DATA_DIR") or "./data")
+        return cls(
+            import_root=Path(environ.get("IMPORT_ROOT") or data_dir / "imports").resolve(),
+            upload_root=Path(environ.get("UPLOAD_ROOT") or data_dir / "uploads").resolve(),
+        )
+
+
+@dataclass(frozen=True)
 class ConfigField:
     """One accepted `providerConfig` field and its JSON type."""
 
@@ -55,8 +74,11 @@ class Provider:
     # False for one-shot sources (files): they are imported, never synced.
     continuous_sync: ClassVar[bool] = True
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
+    def __init__(
+        self, config: Mapping[str, Any], environment: ProviderEnvironment | None = None
+    ) -> None:
         self.config = dict(config)
+        self.environment = environment or ProviderEnvironment.from_env()
 
     @classmethod
     def secret_fields(cls) -> frozenset[str]:
@@ -105,6 +127,9 @@ class Provider:
     def fetch(self, mailbox: str, cursor: JsonDict | None) -> Iterator[Batch]:
         """Yield the mailbox's messages after `cursor`, in batches, oldest first."""
         raise NotImplementedError
+
+    def after_successful_import(self) -> None:
+        """Called once an import archived every message; for one-shot inputs to clean up."""
 
 
 def _has_kind(value: Any, kind: type | tuple[type, ...]) -> bool:
