@@ -14,6 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from ingestion_grpc.errors import ConfigurationError
+from ingestion_grpc.providers.base import ProviderEnvironment
 
 _DURATION = re.compile(r"^(\d+)\s*([smhd]?)$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -90,6 +91,10 @@ class Settings:
     stale_run_after: timedelta
     scheduler_tick: timedelta
 
+    @property
+    def provider_environment(self) -> ProviderEnvironment:
+        return ProviderEnvironment(import_root=self.import_root, upload_root=self.upload_root)
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | os._Environ[str] = os.environ) -> Settings:
         data_dir = Path(environ.get("DATA_DIR", "./data")).resolve()
@@ -107,9 +112,7 @@ class Settings:
             sync_interval=parse_duration(environ.get("SYNC_INTERVAL", "5m"), "SYNC_INTERVAL"),
             import_root=Path(environ.get("IMPORT_ROOT", str(data_dir / "imports"))).resolve(),
             upload_root=Path(environ.get("UPLOAD_ROOT", str(data_dir / "uploads"))).resolve(),
-            max_upload_bytes=parse_size(
-                environ.get("MAX_UPLOAD_BYTES", "10G"), "MAX_UPLOAD_BYTES"
-            ),
+            max_upload_bytes=parse_size(environ.get("MAX_UPLOAD_BYTES", "10G"), "MAX_UPLOAD_BYTES"),
             queue_namespace=environ.get("QUEUE_NAMESPACE", "dramatiq"),
             stale_run_after=parse_duration(environ.get("STALE_RUN_AFTER", "2m"), "STALE_RUN_AFTER"),
             scheduler_tick=parse_duration(environ.get("SCHEDULER_TICK", "15s"), "SCHEDULER_TICK"),

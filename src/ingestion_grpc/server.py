@@ -123,7 +123,13 @@ def start_server(
     prepare_database(database, settings, admin_email, admin_password)
     jobs = jobs or DramatiqJobQueue(redis_broker(settings.redis_url, settings.queue_namespace))
     blobs = blob_store_from_settings(settings.data_dir)
-    sources = SourceService(database, CredentialCipher(settings.encryption_key), jobs, blobs)
+    sources = SourceService(
+        database,
+        CredentialCipher(settings.encryption_key),
+        jobs,
+        blobs,
+        settings.provider_environment,
+    )
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rpc"),
