@@ -134,3 +134,91 @@ def test_healthz_through_envoy(rest_url: str) -> None:
     import requests
 
     assert requests.get(f"{rest_url}/healthz", timeout=10).status_code == 200
+
+
+def test_every_rpc_over_grpc(channel: grpc.Channel, admin: Rest) -> None:
+    from google.protobuf import empty_pb2
+    from ingestion.v1 import (
+        archive_service_pb2,
+        archive_service_pb2_grpc,
+        settings_service_pb2,
+        settings_service_pb2_grpc,
+    )
+
+    auth = (("authorization", f"Bearer {_token(channel)}"),)
+    sources = ingestion_service_pb2_grpc.IngestionServiceStub(channel)
+    settings = settings_service_pb2_grpc.SettingsServiceStub(channel)
+    keys = auth_service_pb2_grpc.ApiKeyServiceStub(channel)
+    archive = archive_service_pb2_grpc.ArchiveServiceStub(channel)
+
+    created = sources.CreateIngestionSource(_create_request("every rpc"), metadata=auth)
+    source_id = created.id
+    paused = sources.PauseIngestionSource(
+        ingestion_service_pb2.PauseIngestionSourceRequest(id=source_id), metadata=auth
+    )
+    assert paused.status == "paused"
+    resumed = sources.UpdateIngestionSource(
+        ingestion_service_pb2.UpdateIngestionSourceRequest(id=source_id, status="active"),
+        metadata=auth,
+    )
+    assert resumed.status == "importing", "resuming continues the interrupted import"
+    assert (
+        sources.GetIngestionSource(
+            ingestion_service_pb2.GetIngestionSourceRequest(id=source_id), metadata=auth
+        ).status
+        == "importing"
+    )
+    with pytest.raises(grpc.RpcError) as running:
+        sources.ForceSync(ingestion_service_pb2.ForceSyncRequest(id=source_id), metadata=auth)
+    assert running.value.code() == grpc.StatusCode.ABORTED
+    with pytest.raises(grpc.RpcError) as importing:
+        sources.TriggerInitialImport(
+            ingestion_service_pb2.TriggerInitialImportRequest(id=source_id), metadata=auth
+        )
+    assert importing.value.code() == grpc.StatusCode.ABORTED
+    sessions = sources.ListSyncSessions(
+        ingestion_service_pb2.ListSyncSessionsRequest(id=source_id), metadata=auth
+    )
+    assert sessions.next_page_token == ""
+    listed = archive.ListArchivedEmails(
+        archive_service_pb2.ListArchivedEmailsRequest(source_id=source_id), metadata=auth
+    )
+    assert (listed.total_size, list(listed.archived_emails)) == (0, [])
+    with pytest.raises(grpc.RpcError) as missing:
+        archive.GetArchivedEmail(
+            archive_service_pb2.GetArchivedEmailRequest(id="no-such-email"), metadata=auth
+        )
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+    key = keys.CreateApiKey(
+        auth_service_pb2.CreateApiKeyRequest(name="grpc", expires_in_days=1), metadata=auth
+    )
+    assert key.key.startswith("ik_")
+    listed_keys = keys.ListApiKeys(auth_service_pb2.ListApiKeysRequest(), metadata=auth)
+    assert key.id in {k.id for k in listed_keys.api_keys}
+    assert isinstance(
+        keys.DeleteApiKey(auth_service_pb2.DeleteApiKeyRequest(id=key.id), metadata=auth),
+        empty_pb2.Empty,
+    )
+
+    enabled = settings.UpdateSystemSettings(
+        settings_service_pb2.UpdateSystemSettingsRequest(enable_deletion=True), metadata=auth
+    )
+    try:
+        assert enabled.enable_deletion
+        sources.DeleteIngestionSource(
+            ingestion_service_pb2.DeleteIngestionSourceRequest(id=source_id), metadata=auth
+        )
+    finally:
+        settings.UpdateSystemSettings(
+            settings_service_pb2.UpdateSystemSettingsRequest(enable_deletion=False),
+            metadata=auth,
+        )
+    assert not settings.GetSystemSettings(
+        settings_service_pb2.GetSystemSettingsRequest(), metadata=auth
+    ).enable_deletion
+    with pytest.raises(grpc.RpcError) as gone:
+        sources.GetIngestionSource(
+            ingestion_service_pb2.GetIngestionSourceRequest(id=source_id), metadata=auth
+        )
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND

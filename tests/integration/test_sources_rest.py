@@ -7,8 +7,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import redis
+from sqlalchemy import func, update
 
+from ingestion_grpc.db.models import IngestionSource, SyncSession
 from ingestion_grpc.jobs import messages
+from ingestion_grpc.server import RunningServer
 from tests.support.rest import Rest
 from tests.support.services import REDIS_URL
 
@@ -19,6 +22,7 @@ SOURCE_FIELDS = {
     "status",
     "createdAt",
     "updatedAt",
+    "lastSyncStartedAt",
     "lastSyncStatusMessage",
 }
 ACCEPTED = {"message": "Operation completed successfully."}
@@ -67,13 +71,23 @@ def create(client: Rest, provider: str = "google_workspace", **overrides: object
 
 
 @pytest.fixture
-def idle_source(user: Rest) -> Iterator[dict]:
-    """A source whose initial import has been queued, then set back to idle."""
+def idle_source(user: Rest, grpc_server: RunningServer) -> Iterator[dict]:
+    """A source whose initial import has finished (no worker runs in these tests,
+    so the run is closed the way a worker would close it)."""
     source = create(user)
-    assert user.post(f"/v1/ingestion-sources/{source['id']}/pause").status_code == 200
-    resumed = user.put(f"/v1/ingestion-sources/{source['id']}", json={"status": "active"})
-    assert resumed.json()["status"] == "active"
-    yield resumed.json()
+    with grpc_server.database.unit_of_work() as uow:
+        uow.session.execute(
+            update(SyncSession)
+            .where(SyncSession.source_id == source["id"])
+            .values(status="completed", finished_at=func.now(), listed_at=func.now())
+        )
+        uow.session.execute(
+            update(IngestionSource)
+            .where(IngestionSource.id == source["id"])
+            .values(status="active", last_sync_finished_at=func.now())
+        )
+        uow.commit()
+    yield user.get(f"/v1/ingestion-sources/{source['id']}").json()
 
 
 def test_create_returns_201_with_exactly_the_documented_fields(
@@ -84,7 +98,8 @@ def test_create_returns_201_with_exactly_the_documented_fields(
     assert source["name"] == "Company Google Workspace"
     assert source["provider"] == "google_workspace"
     assert source["status"] == "importing"
-    assert source["lastSyncStatusMessage"] == ""
+    assert source["lastSyncStatusMessage"] == "Import queued."
+    assert source["lastSyncStartedAt"] >= source["createdAt"]
     assert source["createdAt"].endswith("Z")
     assert queued(queue_namespace, source["id"]) == [messages.IMPORT_SOURCE]
 
@@ -122,7 +137,7 @@ def test_get_returns_the_source_and_404_for_unknown_or_foreign_ids(
     assert admin.get(f"/v1/ingestion-sources/{source['id']}").status_code == 200
 
 
-def test_update_changes_name_and_pause_resume(user: Rest) -> None:
+def test_update_changes_name_and_pause_resume(user: Rest, queue_namespace: str) -> None:
     source = create(user)
     renamed = user.put(f"/v1/ingestion-sources/{source['id']}", json={"name": "Renamed"})
     assert renamed.status_code == 200
@@ -131,8 +146,16 @@ def test_update_changes_name_and_pause_resume(user: Rest) -> None:
 
     paused = user.put(f"/v1/ingestion-sources/{source['id']}", json={"status": "paused"})
     assert paused.json()["status"] == "paused"
+    # The initial import was interrupted before it finished: resuming continues it.
     resumed = user.put(f"/v1/ingestion-sources/{source['id']}", json={"status": "active"})
-    assert resumed.json()["status"] == "active"
+    assert resumed.json()["status"] == "importing"
+    assert queued(queue_namespace, source["id"]) == [messages.IMPORT_SOURCE] * 2
+
+
+def test_resuming_an_idle_source_makes_it_active(user: Rest, idle_source: dict) -> None:
+    path = f"/v1/ingestion-sources/{idle_source['id']}"
+    assert user.put(path, json={"status": "paused"}).json()["status"] == "paused"
+    assert user.put(path, json={"status": "active"}).json()["status"] == "active"
 
 
 @pytest.mark.parametrize("status", ["error", "importing", "syncing", "imported", "bogus"])

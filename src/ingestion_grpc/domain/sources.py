@@ -29,7 +29,7 @@ from ingestion_grpc.domain.states import (
     RunKind,
     SourceStatus,
 )
-from ingestion_grpc.engine.runs import open_run
+from ingestion_grpc.engine.runs import open_or_resume_run, open_run
 from ingestion_grpc.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
 from ingestion_grpc.jobs.queue import JobQueue
 from ingestion_grpc.providers.base import JsonDict, Provider, ProviderEnvironment
@@ -210,6 +210,7 @@ class SourceService:
                 raise Conflict("An import or sync is already running for this source.")
             raise Conflict(f"A run cannot start while the source is {source.status}.")
         uow.session.refresh(source)
+        open_or_resume_run(uow, source, kind)
         uow.after_commit(lambda: self._send_or_release(source.id, kind, previous))
 
     def _send_or_release(self, source_id: str, kind: RunKind, previous: SourceStatus) -> None:

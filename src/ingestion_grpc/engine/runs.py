@@ -55,20 +55,34 @@ def open_run(uow: UnitOfWork, source_id: str) -> SyncSession | None:
     )
 
 
+def open_or_resume_run(uow: UnitOfWork, source: IngestionSource, kind: RunKind) -> SyncSession:
+    """Right after a source is claimed: its open run, running again, or a new one.
+
+    The run exists from the moment it is accepted, so a pause before any worker
+    picked it up still leaves a run for the resume to continue.
+    """
+    run = open_run(uow, source.id)
+    if run is None:
+        started = now()
+        run = SyncSession(
+            source_id=source.id, kind=kind, status=RunState.RUNNING, started_at=started
+        )
+        uow.session.add(run)
+        source.last_sync_started_at = started
+        source.last_sync_status_message = f"{kind.capitalize()} queued."
+    run.status = RunState.RUNNING
+    run.heartbeat_at = now()
+    uow.session.flush()
+    return run
+
+
 def start_run(ctx: EngineContext, source_id: str, kind: RunKind, *, final_attempt: bool) -> None:
     """Open (or reopen) the source's run, list its mailboxes, queue one job each."""
     with ctx.database.unit_of_work() as uow:
         source = uow.session.get(IngestionSource, source_id, with_for_update=True)
         if source is None or source.status != RUN_STATUS[kind]:
             return  # deleted, paused, or a duplicate message: nothing to do
-        run = open_run(uow, source_id)
-        if run is None:
-            run = SyncSession(source_id=source_id, kind=kind, status=RunState.RUNNING)
-            uow.session.add(run)
-            source.last_sync_started_at = now()
-            source.last_sync_status_message = f"{kind.capitalize()} running."
-        run.status = RunState.RUNNING
-        run.heartbeat_at = now()
+        run = open_or_resume_run(uow, source, kind)
         uow.commit()
         run_id = run.id
         provider = ctx.provider_for(source)
@@ -96,11 +110,11 @@ def start_run(ctx: EngineContext, source_id: str, kind: RunKind, *, final_attemp
                 )
                 .on_conflict_do_nothing()
             )
-        run = uow.session.get(SyncSession, run_id, with_for_update=True)
-        if run is None:
+        listed = uow.session.get(SyncSession, run_id, with_for_update=True)
+        if listed is None:
             return  # the source was deleted meanwhile
-        run.mailboxes_total = _count(uow, run_id)
-        run.listed_at = run.listed_at or now()
+        listed.mailboxes_total = _count(uow, run_id)
+        listed.listed_at = listed.listed_at or now()
         pending = list(
             uow.session.scalars(
                 select(RunMailbox).where(

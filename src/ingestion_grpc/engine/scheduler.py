@@ -21,7 +21,13 @@ from ingestion_grpc.db.migrate import upgrade_to_head
 from ingestion_grpc.db.models import IngestionSource, RunMailbox, SyncSession
 from ingestion_grpc.domain.states import RUNNING, RunKind, SourceStatus
 from ingestion_grpc.engine.context import EngineContext
-from ingestion_grpc.engine.runs import MailboxState, RunState, finish_if_complete, now
+from ingestion_grpc.engine.runs import (
+    MailboxState,
+    RunState,
+    finish_if_complete,
+    now,
+    open_or_resume_run,
+)
 from ingestion_grpc.jobs.queue import DramatiqJobQueue, redis_broker
 from ingestion_grpc.providers.registry import PROVIDERS
 
@@ -59,6 +65,9 @@ def schedule_due_syncs(ctx: EngineContext) -> list[str]:
             )
         )
         for source_id in claimed:
+            source = uow.session.get(IngestionSource, source_id)
+            assert source is not None
+            open_or_resume_run(uow, source, RunKind.SYNC)
             uow.after_commit(partial(ctx.jobs.enqueue_run, source_id, RunKind.SYNC))
         uow.commit()
     if claimed:
@@ -67,30 +76,39 @@ def schedule_due_syncs(ctx: EngineContext) -> list[str]:
 
 
 def revive_lost_runs(ctx: EngineContext) -> None:
-    """Re-send runs whose start never reached a worker, and close finished ones."""
+    """Re-send runs whose start never reached a worker, and close finished ones.
+
+    A claimed run normally waits in the queue; only once the queue is empty can
+    it be known lost (its worker died before listing mailboxes, or Redis lost it).
+    """
     stale_before = now() - ctx.stale_after
+    queue_is_empty = ctx.jobs.backlog() == 0
     live_run = exists().where(
         SyncSession.source_id == IngestionSource.id,
         SyncSession.status == RunState.RUNNING,
         (SyncSession.listed_at.is_not(None)) | (SyncSession.heartbeat_at >= stale_before),
     )
     with ctx.database.unit_of_work() as uow:
-        lost = list(
-            uow.session.execute(
-                update(IngestionSource)
-                .where(
-                    IngestionSource.status.in_(RUNNING),
-                    IngestionSource.run_requested_at < stale_before,
-                    ~live_run,
-                    # A paused run is resumed by the user, not by the watchdog.
-                    ~exists().where(
-                        SyncSession.source_id == IngestionSource.id,
-                        SyncSession.status == RunState.PAUSED,
-                    ),
+        lost = (
+            list(
+                uow.session.execute(
+                    update(IngestionSource)
+                    .where(
+                        IngestionSource.status.in_(RUNNING),
+                        IngestionSource.run_requested_at < stale_before,
+                        ~live_run,
+                        # A paused run is resumed by the user, not by the watchdog.
+                        ~exists().where(
+                            SyncSession.source_id == IngestionSource.id,
+                            SyncSession.status == RunState.PAUSED,
+                        ),
+                    )
+                    .values(run_requested_at=now())
+                    .returning(IngestionSource.id, IngestionSource.status)
                 )
-                .values(run_requested_at=now())
-                .returning(IngestionSource.id, IngestionSource.status)
             )
+            if queue_is_empty
+            else []
         )
         for source_id, status in lost:
             uow.after_commit(
