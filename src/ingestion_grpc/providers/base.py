@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ingestion_grpc.errors import InvalidArgument
+from ingestion_grpc.errors import InvalidArgument, ProviderDataError
 
 JsonDict = dict[str, Any]
 
@@ -146,3 +146,22 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     names = {str: "a string", bool: "true or false", int: "an integer", list: "a list"}
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+class ConfigOnlyProvider(Provider):
+    """A provider whose mail reading is not built yet.
+
+    Its configuration is validated and stored (encrypted) so that sources can be
+    set up now; every run fails at once with a message saying so, instead of
+    being retried.
+    """
+
+    display_name: ClassVar[str]
+
+    def check_connection(self) -> None:
+        """Only the configuration's structure is checked for now."""
+
+    def list_mailboxes(self) -> list[str]:
+        raise ProviderDataError(
+            f"importing from {self.display_name} is not available in this version yet"
+        )

@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 from ingestion_grpc.errors import InvalidArgument
-from ingestion_grpc.providers.base import ConfigField, JsonDict, Provider
+from ingestion_grpc.providers.base import ConfigField, ConfigOnlyProvider, JsonDict
 
 # Deliberately loose: it catches pasted names and missing domains, not every RFC 5322 corner.
 EMAIL_PATTERN = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
@@ -17,9 +17,10 @@ EMAIL_PATTERN = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 REQUIRED_KEY_MEMBERS = ("client_email", "private_key")
 
 
-class GoogleWorkspace(Provider):
+class GoogleWorkspace(ConfigOnlyProvider):
     """A Google Workspace tenant."""
 
+    display_name = "Google Workspace"
     name = "google_workspace"
     fields = (
         # The whole key file downloaded from the Cloud console, as a string. Secret.
@@ -36,12 +37,6 @@ class GoogleWorkspace(Provider):
                 "providerConfig.impersonatedAdminEmail",
                 "must be an email address, such as admin@example.com",
             )
-
-    def check_connection(self) -> None:
-        """Nothing is checked yet: only the structure of the config is validated.
-
-        A later change signs a delegated token request and lists one user.
-        """
 
 
 def parse_service_account_key(text: str) -> dict[str, Any]:

@@ -3,12 +3,13 @@ with an app registration's client credentials (application permissions)."""
 
 from __future__ import annotations
 
-from ingestion_grpc.providers.base import ConfigField, Provider
+from ingestion_grpc.providers.base import ConfigField, ConfigOnlyProvider
 
 
-class Microsoft365(Provider):
+class Microsoft365(ConfigOnlyProvider):
     """A Microsoft 365 (Entra ID) tenant."""
 
+    display_name = "Microsoft 365"
     name = "microsoft_365"
     fields = (
         # The directory (tenant) id, or one of the tenant's domain names.
@@ -18,9 +19,3 @@ class Microsoft365(Provider):
         # A client secret of that app registration. Secret.
         ConfigField("clientSecret", str, secret=True),
     )
-
-    def check_connection(self) -> None:
-        """Nothing is checked yet: only the structure of the config is validated.
-
-        A later change acquires a client-credentials token and lists one user.
-        """
