@@ -53,3 +53,41 @@ dovecot:
 
 test: venv dovecot
 	$(BIN)/pytest
+
+# IMAP import through the whole stack against a real Dovecot, compared with mbsync
+# (needs PostgreSQL and Redis on 127.0.0.1, and isync). `make bench-imap N=2000`;
+# more options with ARGS, e.g. ARGS='--repeat 3 --phases' or ARGS=--compare-rss.
+# Figures and how to read them: docs/benchmarks.md.
+N ?= 10000
+.PHONY: bench-imap
+bench-imap: venv dovecot
+	$(BIN)/python bench/bench_imap.py --messages $(N) $(ARGS)
+
+# A multi-gigabyte POST /v1/upload through Envoy to a server subprocess: MB/s, peak
+# RSS of Envoy and of the server, SHA-256 of the stored file (needs PostgreSQL and
+# Redis on 127.0.0.1). `make bench-upload SIZE=5G`; ARGS='--limit 1G' checks the 413.
+SIZE ?= 2G
+.PHONY: bench-upload
+bench-upload: venv
+	$(BIN)/python bench/bench_upload.py --size $(SIZE) $(ARGS)
+
+# mbox import of SIZE (default 1G here) through the whole stack, next to the least work
+# any importer must do (mailbox.mbox + SHA-256 + a fsync'd file per message), and the
+# Enron PST next to `readpst -e` (needs PostgreSQL and Redis on 127.0.0.1, and
+# pst-utils). `make bench-files SIZE=100M`; ARGS=--py-spy prof.svg profiles the worker.
+# Figures: docs/benchmarks-files.md.
+.PHONY: bench-files readpst
+bench-files: venv readpst
+	$(BIN)/python bench/bench_files.py \
+		--size $(if $(filter command line environment,$(origin SIZE)),$(SIZE),1G) $(ARGS)
+
+# readpst is bench-files' PST comparison; install it when we can (root, apt).
+readpst:
+	@if command -v readpst >/dev/null; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y pst-utils; \
+	else \
+		echo "warning: readpst is not installed (apt-get install pst-utils);" \
+			"bench-files needs it, or ARGS=--no-pst" >&2; \
+	fi

@@ -13,6 +13,7 @@ import signal
 import threading
 from concurrent import futures
 from dataclasses import dataclass
+from datetime import timedelta
 from types import FrameType
 
 import grpc
@@ -27,6 +28,8 @@ from ingestion.v1 import (
     ingestion_service_pb2_grpc,
     settings_service_pb2,
     settings_service_pb2_grpc,
+    upload_service_pb2,
+    upload_service_pb2_grpc,
 )
 
 from ingestion_grpc.api.archive import ArchiveServicer
@@ -34,6 +37,7 @@ from ingestion_grpc.api.auth import ApiKeyServicer, AuthServicer
 from ingestion_grpc.api.ingestion import IngestionServicer
 from ingestion_grpc.api.interceptors import AuthInterceptor, ErrorInterceptor
 from ingestion_grpc.api.settings import SettingsServicer
+from ingestion_grpc.api.upload import UploadServicer
 from ingestion_grpc.archive.blobstore import blob_store_from_settings
 from ingestion_grpc.auth.services import ensure_first_admin
 from ingestion_grpc.config import Settings
@@ -42,6 +46,7 @@ from ingestion_grpc.db.migrate import upgrade_to_head
 from ingestion_grpc.db.session import Database, ping
 from ingestion_grpc.domain.settings import ensure_settings
 from ingestion_grpc.domain.sources import SourceService
+from ingestion_grpc.domain.uploads import UploadStore
 from ingestion_grpc.jobs.queue import DramatiqJobQueue, JobQueue, redis_broker
 
 log = logging.getLogger(__name__)
@@ -55,7 +60,19 @@ SERVICE_NAMES = (
     auth_service_pb2.DESCRIPTOR.services_by_name["ApiKeyService"].full_name,
     settings_service_pb2.DESCRIPTOR.services_by_name["SettingsService"].full_name,
     archive_service_pb2.DESCRIPTOR.services_by_name["ArchiveService"].full_name,
+    upload_service_pb2.DESCRIPTOR.services_by_name["UploadService"].full_name,
 )
+# Largest request message: an upload piece from a native gRPC client may be up
+# to 4 MiB of data (gRPC's usual limit) plus its framing. Envoy sends smaller ones.
+MAX_RECEIVE_MESSAGE_BYTES = 4 * 1024 * 1024 + 64 * 1024
+# How far a client (Envoy) may send ahead of what an RPC has read, per stream.
+# gRPC's default grows this window with its bandwidth-delay estimate; an upload
+# whose disk writes stall (writeback) then piled up to ~200 MiB in this process.
+# A fixed 4 MiB keeps it flat at the same speed (docs/benchmarks.md). Envoy runs
+# next to the server, so the round trip is short and 4 MiB suffices.
+RECEIVE_WINDOW_OPTIONS = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 4 << 20)]
+# A partial upload untouched for this long was left by a server that died.
+STALE_PARTIAL_UPLOAD_AGE = timedelta(hours=1)
 
 
 @dataclass
@@ -131,9 +148,16 @@ def start_server(
         settings.provider_environment,
     )
 
+    uploads = UploadStore(settings.upload_root, settings.max_upload_bytes)
+    uploads.remove_stale_partials(STALE_PARTIAL_UPLOAD_AGE)
+
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rpc"),
         interceptors=[ErrorInterceptor(), AuthInterceptor(database, settings.jwt_secret)],
+        options=[
+            ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+            *RECEIVE_WINDOW_OPTIONS,
+        ],
     )
     ingestion_service_pb2_grpc.add_IngestionServiceServicer_to_server(
         IngestionServicer(database, sources), server
@@ -148,6 +172,7 @@ def start_server(
     archive_service_pb2_grpc.add_ArchiveServiceServicer_to_server(
         ArchiveServicer(database, blobs), server
     )
+    upload_service_pb2_grpc.add_UploadServiceServicer_to_server(UploadServicer(uploads), server)
     health_servicer = health.HealthServicer()
     for name in ("", *SERVICE_NAMES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -17,6 +17,7 @@ from ingestion.v1 import (
     auth_service_pb2,
     ingestion_service_pb2,
     settings_service_pb2,
+    upload_service_pb2,
 )
 
 from ingestion_grpc import errors
@@ -54,6 +55,7 @@ _INGESTION = (ingestion_service_pb2, "IngestionService")
 _API_KEYS = (auth_service_pb2, "ApiKeyService")
 _ARCHIVE = (archive_service_pb2, "ArchiveService")
 _SETTINGS = (settings_service_pb2, "SettingsService")
+_UPLOAD = (upload_service_pb2, "UploadService")
 
 # None: any authenticated caller (API keys act only on the caller's own keys).
 METHOD_PERMISSIONS: dict[str, Permission | None] = {
@@ -74,6 +76,7 @@ METHOD_PERMISSIONS: dict[str, Permission | None] = {
     _method(*_API_KEYS, "DeleteApiKey"): None,
     _method(*_SETTINGS, "GetSystemSettings"): Permission.MANAGE_SETTINGS,
     _method(*_SETTINGS, "UpdateSystemSettings"): Permission.MANAGE_SETTINGS,
+    _method(*_UPLOAD, "UploadFile"): Permission.CREATE_INGESTION,
 }
 OPEN_METHODS = frozenset({_method(auth_service_pb2, "AuthService", "Login")})
 OPEN_SERVICE_PREFIXES = (

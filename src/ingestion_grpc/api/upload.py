@@ -1,0 +1,66 @@
+"""UploadService: files for the file imports, streamed to UPLOAD_ROOT.
+
+Over REST, Envoy's transcoder turns the raw request body of `POST /v1/upload`
+into a stream of `google.api.HttpBody` messages as the bytes arrive; native
+gRPC clients send that stream themselves. Either way the file goes to disk
+piece by piece (`domain/uploads.py`) and is never held whole in memory.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import grpc
+from google.api import httpbody_pb2
+from ingestion.v1 import upload_service_pb2 as pb
+from ingestion.v1 import upload_service_pb2_grpc
+
+from ingestion_grpc.api.http import HttpStatus, set_http_status
+from ingestion_grpc.domain.uploads import UploadAbandoned, UploadStore, UploadTooLarge
+
+# RESOURCE_EXHAUSTED is 429 over REST; Envoy's Lua filter narrows it to 413
+# (Content Too Large) when the server says so in `x-http-code`.
+CONTENT_TOO_LARGE = "413"
+# An upload holds one of the server's threads (server.py: 32) for as long as
+# the client takes to send it, maybe hours; the rest stay free for the API.
+MAX_CONCURRENT_UPLOADS = 8
+
+
+class UploadServicer(upload_service_pb2_grpc.UploadServiceServicer):
+    def __init__(self, store: UploadStore, max_concurrent: int = MAX_CONCURRENT_UPLOADS) -> None:
+        self._store = store
+        self._slots = threading.BoundedSemaphore(max_concurrent)
+
+    def UploadFile(
+        self, request_iterator: Iterator[httpbody_pb2.HttpBody], context: grpc.ServicerContext
+    ) -> pb.UploadFileResponse:
+        if not self._slots.acquire(blocking=False):
+            # 429 Too Many Requests over REST.
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "Too many uploads are in progress; try again later.",
+            )
+        try:
+            file_path = self._receive(request_iterator, context)
+        finally:
+            self._slots.release()
+        set_http_status(context, HttpStatus.CREATED)
+        return pb.UploadFileResponse(file_path=file_path)
+
+    def _receive(
+        self, request_iterator: Iterator[httpbody_pb2.HttpBody], context: grpc.ServicerContext
+    ) -> str:
+        try:
+            # A disconnected client ends the stream with grpc.RpcError; the
+            # stream can also end early just before the cancellation is seen,
+            # hence the last look at is_active() once the data is on disk.
+            stored = self._store.store(
+                (body.data for body in request_iterator), still_wanted=context.is_active
+            )
+        except UploadTooLarge as error:
+            context.send_initial_metadata((("x-http-code", CONTENT_TOO_LARGE),))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        except (grpc.RpcError, UploadAbandoned):
+            context.abort(grpc.StatusCode.CANCELLED, "The upload was cancelled.")
+        return stored.file_path
