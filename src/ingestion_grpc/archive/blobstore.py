@@ -13,10 +13,12 @@ in use is chosen by `blob_store_from_settings`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import logging
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -115,9 +117,11 @@ class BlobStore:
 class LocalBlobStore(BlobStore):
     """Blobs as read-only files under `root`, at `root/ab/cd/<sha256>`.
 
-    A write goes to a temporary file in the blob's directory, is fsync'd, then
-    renamed over the final name (`os.replace`); the blob's directory, and the
-    parent of any directory created on the way, are fsync'd after the rename.
+    A write goes to a temporary file in the blob's directory, then is renamed
+    over the final name (`os.replace`). On Linux one syncfs(2) after a batch's
+    renames makes every file, name and new directory of it durable; elsewhere
+    each file is fsync'd before its rename, and the blob's directory (and the
+    parent of any directory created on the way) after it.
     A reader sees a whole blob or none, and a blob is on disk before its name
     is returned. Leftover `.*.tmp` files in the tree come only from a crash
     mid-write and may be deleted.
@@ -136,8 +140,8 @@ class LocalBlobStore(BlobStore):
         return self.put_many([data])[0]
 
     def put_many(self, blobs: list[bytes]) -> list[str]:
-        """Store a batch: write every new file, fsync them together, rename them,
-        then fsync each directory involved once."""
+        """Store a batch: write every new file, rename them, then make the batch
+        durable at once (syncfs, or fsyncs of the files and their directories)."""
         self._ensure_root()
         names = [sha256_hex(data) for data in blobs]
         to_write: dict[str, bytes] = {}
@@ -155,8 +159,16 @@ class LocalBlobStore(BlobStore):
             if not self._holds(final, len(data)):
                 to_write[name] = data
         items = list(to_write.items())
+        if _syncfs is not None:
+            # One barrier for the whole batch: syncfs(2) returns once every
+            # file, rename and directory of this file system is on disk, which
+            # costs a fraction of an fsync per file plus one per directory.
+            for start in range(0, len(items), _CHUNK):
+                self._write_chunk(items[start : start + _CHUNK], fsync_files=False)
+            _sync_file_system(self.root)
+            return names
         for start in range(0, len(items), _CHUNK):
-            self._write_chunk(items[start : start + _CHUNK])
+            self._write_chunk(items[start : start + _CHUNK], fsync_files=True)
         _in_parallel(_fsync_dir, dirs)
         return names
 
@@ -221,7 +233,7 @@ class LocalBlobStore(BlobStore):
             return False
         return True
 
-    def _write_chunk(self, items: list[tuple[str, bytes]]) -> None:
+    def _write_chunk(self, items: list[tuple[str, bytes]], *, fsync_files: bool) -> None:
         fds: list[int] = []
         temps: list[tuple[str, Path]] = []  # (temporary path, final path)
         renamed = 0
@@ -236,7 +248,8 @@ class LocalBlobStore(BlobStore):
                     temps.append((tmp, final))
                     _write_all(fd, data)
                     os.fchmod(fd, 0o444)
-                _in_parallel(os.fsync, fds)
+                if fsync_files:
+                    _in_parallel(os.fsync, fds)
             finally:
                 for fd in fds:
                     with contextlib.suppress(OSError):
@@ -248,6 +261,34 @@ class LocalBlobStore(BlobStore):
             for tmp, _ in temps[renamed:]:
                 _unlink_quietly(tmp)
             raise
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    """Linux's syncfs(2), or None where the C library has none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int]
+    function.restype = ctypes.c_int
+    syncfs: Callable[[int], int] = function
+    return syncfs
+
+
+_syncfs = _load_syncfs()
+
+
+def _sync_file_system(path: Path) -> None:
+    assert _syncfs is not None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _syncfs(fd) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, f"syncfs failed: {os.strerror(error)}", str(path))
+    finally:
+        os.close(fd)
 
 
 def blob_store_from_settings(data_dir: Path) -> BlobStore:

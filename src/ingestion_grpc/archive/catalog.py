@@ -28,6 +28,21 @@ _MERGED_FOLDERS: ColumnClause[Any] = literal_column(
 )
 
 
+def _insert_or_add_folder() -> ReturningInsert[tuple[bool]]:
+    """Insert a row; on known bytes, merge the folder path in. Returns whether
+    the row is new (`xmax = 0`); a row already listing the folder is untouched
+    and returns nothing, so a re-import writes nothing."""
+    statement = insert(ArchivedEmail)
+    return statement.on_conflict_do_update(
+        constraint="uq_archived_emails_content",
+        set_={"folder_paths": _MERGED_FOLDERS},
+        where=~ArchivedEmail.folder_paths.contains(statement.excluded.folder_paths),
+    ).returning(literal_column("xmax = 0"))
+
+
+_INSERT_OR_ADD_FOLDER = _insert_or_add_folder()
+
+
 @dataclass(frozen=True)
 class BatchOutcome:
     archived: int
@@ -69,14 +84,13 @@ def record_batch(
         }
     if not rows:
         return BatchOutcome(0, 0)
-    values = insert(ArchivedEmail).values([{"id": new_id(), **row} for row in rows.values()])
-    statement: ReturningInsert[tuple[bool]] = values.on_conflict_do_update(
-        constraint="uq_archived_emails_content",
-        set_={"folder_paths": _MERGED_FOLDERS},
-        # Untouched when the folder is known already: a re-import writes nothing.
-        where=~ArchivedEmail.folder_paths.contains(values.excluded.folder_paths),
-    ).returning(literal_column("xmax = 0"))
-    inserted = sum(1 for (is_new,) in uow.session.execute(statement) if is_new)
+    # One cached statement, sent as an executemany (SQLAlchemy batches it into
+    # multi-row INSERTs): compiling a fresh 500-row statement per batch cost
+    # more than PostgreSQL's work.
+    results = uow.session.execute(
+        _INSERT_OR_ADD_FOLDER, [{"id": new_id(), **row} for row in rows.values()]
+    )
+    inserted = sum(1 for (is_new,) in results if is_new)
     return BatchOutcome(archived=inserted, already_present=len(messages) - inserted)
 
 

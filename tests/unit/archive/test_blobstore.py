@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from ingestion_grpc.archive import blobstore
 from ingestion_grpc.archive.blobstore import (
     BlobNotFound,
     BlobStore,
@@ -194,8 +195,9 @@ def test_local_repairs_a_damaged_blob(tmp_path: Path) -> None:
 def test_local_put_many_is_durable_before_it_returns(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every file is fsync'd before its rename; after the renames, every blob's
-    directory and the parent of every new directory, each once."""
+    """Without syncfs(2): every file is fsync'd before its rename; after the
+    renames, every blob's directory and the parent of every new directory, each once."""
+    monkeypatch.setattr(blobstore, "_syncfs", None)
     store = LocalBlobStore(tmp_path / "blobs")
     store.put(b"first")  # the root exists from here on
     events: list[tuple[str, str]] = []
@@ -234,6 +236,7 @@ def test_local_put_many_is_durable_before_it_returns(
     # A second batch into existing directories syncs only the blobs' directories.
     events.clear()
     monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(blobstore, "_syncfs", None)
     more = [b"another " + data for data in blobs[:50]]
     for data in more:
         store.path(sha256_hex(data)).parent.mkdir(parents=True, exist_ok=True)
@@ -275,3 +278,27 @@ def test_blob_store_from_settings(tmp_path: Path) -> None:
     assert store.root == tmp_path / "blobs"
     digest = store.put(b"configured")
     assert (tmp_path / "blobs" / digest[:2] / digest[2:4] / digest).is_file()
+
+
+@pytest.mark.skipif(blobstore._syncfs is None, reason="no syncfs(2) on this platform")
+def test_local_put_many_syncs_the_file_system_after_the_last_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    events: list[str] = []
+    real_replace, real_sync = os.replace, blobstore._sync_file_system
+
+    def replace(src: str, dst: str) -> None:
+        events.append("replace")
+        real_replace(src, dst)
+
+    def sync(path: Path) -> None:
+        events.append(f"syncfs {path}")
+        real_sync(path)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(blobstore, "_sync_file_system", sync)
+    blobs = [f"blob {i}".encode() for i in range(300)]
+    digests = store.put_many(blobs)
+    assert events == ["replace"] * 300 + [f"syncfs {store.root}"]
+    assert [store.read(d) for d in digests] == blobs
