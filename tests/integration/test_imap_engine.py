@@ -8,20 +8,27 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections import defaultdict
 from collections.abc import Callable
 
 import pytest
 
 from ingestion_grpc.engine.context import EngineContext
-from ingestion_grpc.engine.scheduler import tick
 from tests.support.corpora import HAM, SPAM, mbox_messages, numbered
 from tests.support.dovecot import Dovecot
 from tests.support.polling import wait_for
 from tests.support.rest import Rest
+from tests.support.sources import (
+    archived,
+    by_folder,
+    create_source,
+    kill_mid_run,
+    latest_run,
+    mid_run,
+    revived_by_watchdog,
+    settled,
+)
 from tests.support.workers import Worker
 
-RUNNING = ("importing", "syncing")
 NON_ASCII_FOLDER = "Entwürfe/Größe"
 
 
@@ -43,55 +50,9 @@ def served(dovecot: Dovecot, email: str) -> dict[str, dict[str, bytes]]:
     return result
 
 
-def create_source(client: Rest, dovecot: Dovecot, email: str) -> dict:
+def create_imap_source(client: Rest, dovecot: Dovecot, email: str) -> dict:
     config = dovecot.provider_config(email, secure=True, allow_insecure_cert=True)
-    response = client.post(
-        "/v1/ingestion-sources",
-        json={"name": email, "provider": "generic_imap", "providerConfig": config},
-    )
-    assert response.status_code == 201, response.text
-    return response.json()
-
-
-def settled(client: Rest, source_id: str, timeout: float = 180.0) -> dict:
-    return wait_for(
-        lambda: client.get(f"/v1/ingestion-sources/{source_id}").json(),
-        lambda source: source["status"] not in RUNNING,
-        timeout=timeout,
-        what=f"source {source_id} to finish its run",
-    )
-
-
-def archived(client: Rest, source_id: str) -> list[dict]:
-    rows: list[dict] = []
-    token = ""
-    while True:
-        page = client.get(
-            f"/v1/ingestion-sources/{source_id}/archived-emails?pageSize=1000&pageToken={token}"
-        ).json()
-        rows += page["archivedEmails"]
-        token = page["nextPageToken"]
-        if not token:
-            assert page["totalSize"] == len(rows)
-            return rows
-
-
-def runs(client: Rest, source_id: str) -> list[dict]:
-    response = client.get(f"/v1/ingestion-sources/{source_id}/sync-sessions")
-    assert response.status_code == 200, response.text
-    return response.json()["syncSessions"]
-
-
-def latest_run(client: Rest, source_id: str) -> dict:
-    return runs(client, source_id)[0]
-
-
-def by_folder(rows: list[dict]) -> dict[str, set[str]]:
-    folders: dict[str, set[str]] = defaultdict(set)
-    for row in rows:
-        for folder in row["folderPaths"]:
-            folders[folder].add(row["sha256"])
-    return dict(folders)
+    return create_source(client, email, "generic_imap", config)
 
 
 def assert_archive_matches_server(client: Rest, source_id: str, on_server: dict) -> list[dict]:
@@ -117,7 +78,7 @@ def test_import_sync_and_reimport(
     dovecot.append(email, NON_ASCII_FOLDER, spam[400:])
     start_worker()
 
-    source = create_source(user, dovecot, email)
+    source = create_imap_source(user, dovecot, email)
     done = settled(user, source["id"])
     assert done["status"] == "active", done
     on_server = served(dovecot, email)
@@ -164,23 +125,14 @@ def _big_mailbox(dovecot: Dovecot, email: str, copies: int = 2) -> int:
     return len(messages)
 
 
-def _mid_run(client: Rest, source_id: str) -> dict:
-    return wait_for(
-        lambda: (runs(client, source_id) or [{"messagesArchived": 0}])[0],
-        lambda run: run["messagesArchived"] > 0,
-        timeout=60,
-        what="the import to archive its first batch",
-    )
-
-
 def test_pause_mid_import_then_resume_completes_without_duplicates(
     user: Rest, dovecot: Dovecot, start_worker: Callable[[], Worker]
 ) -> None:
     email = dovecot.new_user("pause")
     total = _big_mailbox(dovecot, email)
     start_worker()
-    source = create_source(user, dovecot, email)
-    _mid_run(user, source["id"])
+    source = create_imap_source(user, dovecot, email)
+    mid_run(user, source["id"])
 
     paused = user.post(f"/v1/ingestion-sources/{source['id']}/pause")
     assert paused.json()["status"] == "paused"
@@ -212,23 +164,10 @@ def test_a_killed_worker_is_replaced_and_the_import_resumes(
     email = dovecot.new_user("sigkill")
     total = _big_mailbox(dovecot, email)
     worker = start_worker()
-    source = create_source(user, dovecot, email)
-    _mid_run(user, source["id"])
-    worker.kill()
-    stopped_at = latest_run(user, source["id"])["messagesArchived"]
-    assert 0 < stopped_at < total
-    assert user.get(f"/v1/ingestion-sources/{source['id']}").json()["status"] == "importing"
-
+    source = create_imap_source(user, dovecot, email)
+    kill_mid_run(user, source["id"], worker, total)
     start_worker()
-    # The scheduler's watchdog finds the dead worker's mailbox once its
-    # heartbeat is older than STALE_RUN_AFTER (3 s here) and sends it again.
-    wait_for(
-        lambda: (tick(engine), latest_run(user, source["id"]))[1],
-        lambda run: run["status"] != "running",
-        timeout=120,
-        what="the watchdog to revive the run",
-    )
-    done = settled(user, source["id"])
+    done = revived_by_watchdog(user, engine, source["id"])
     assert done["status"] == "active"
     final = latest_run(user, source["id"])
     assert final["messagesArchived"] == total
@@ -244,7 +183,7 @@ def test_uidvalidity_reset_rescans_without_duplicates(
     dovecot.append(email, "INBOX", spam[:50])
     dovecot.append(email, "Archive", spam[50:80])
     start_worker()
-    source = create_source(user, dovecot, email)
+    source = create_imap_source(user, dovecot, email)
     assert settled(user, source["id"])["status"] == "active"
 
     dovecot.set_uidvalidity(email, "INBOX", 4242)
@@ -263,7 +202,7 @@ def test_a_changed_password_is_an_error_until_fixed(
     email = dovecot.new_user("password")
     dovecot.append(email, "INBOX", mbox_messages(SPAM)[:10])
     start_worker()
-    source = create_source(user, dovecot, email)
+    source = create_imap_source(user, dovecot, email)
     assert settled(user, source["id"])["status"] == "active"
 
     dovecot.set_password(email, "changed-on-the-server")
@@ -302,8 +241,8 @@ def test_deleting_a_source_removes_its_archive_and_unshared_blobs(
     dovecot.append(first, "INBOX", spam[100:110])
     dovecot.append(second, "INBOX", spam[105:115])  # five messages in common
     start_worker()
-    kept = create_source(user, dovecot, second)
-    doomed = create_source(user, dovecot, first)
+    kept = create_imap_source(user, dovecot, second)
+    doomed = create_imap_source(user, dovecot, first)
     for source in (kept, doomed):
         assert settled(user, source["id"])["status"] == "active"
     doomed_digests = {row["sha256"] for row in archived(user, doomed["id"])}
@@ -333,7 +272,7 @@ def test_the_scheduler_syncs_due_sources_once_per_tick(
     email = dovecot.new_user("scheduled")
     dovecot.append(email, "INBOX", mbox_messages(SPAM)[:3])
     start_worker()
-    source = create_source(user, dovecot, email)
+    source = create_imap_source(user, dovecot, email)
     assert settled(user, source["id"])["status"] == "active"
     dovecot.append(email, "INBOX", [b"X-Scheduled: 1\r\n" + mbox_messages(SPAM)[3]])
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from ingestion_grpc.errors import InvalidArgument
 from ingestion_grpc.providers.base import Provider
-from ingestion_grpc.providers.files import EmlImport, MboxImport, PstImport
+from ingestion_grpc.providers.eml import EmlImport
 from ingestion_grpc.providers.google_workspace import GoogleWorkspace
 from ingestion_grpc.providers.imap import GenericImap
+from ingestion_grpc.providers.mbox import MboxImport
 from ingestion_grpc.providers.microsoft_365 import Microsoft365
+from ingestion_grpc.providers.pst import PstImport
 
 PROVIDERS: dict[str, type[Provider]] = {
     cls.name: cls

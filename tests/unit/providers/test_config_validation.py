@@ -10,10 +10,13 @@ import pytest
 
 from ingestion_grpc.errors import InvalidArgument
 from ingestion_grpc.providers.base import Provider
-from ingestion_grpc.providers.files import EmlImport, FileImport, MboxImport, PstImport
+from ingestion_grpc.providers.eml import EmlImport
+from ingestion_grpc.providers.files import FileImport
 from ingestion_grpc.providers.google_workspace import GoogleWorkspace
 from ingestion_grpc.providers.imap import GenericImap
+from ingestion_grpc.providers.mbox import MboxImport
 from ingestion_grpc.providers.microsoft_365 import Microsoft365
+from ingestion_grpc.providers.pst import PstImport
 from ingestion_grpc.providers.registry import PROVIDERS, provider_class
 
 # Markers that must never show up in an error message.

@@ -13,20 +13,12 @@ from pathlib import Path
 import pytest
 
 from ingestion_grpc.errors import InvalidArgument, ProviderDataError
-from ingestion_grpc.providers.base import Batch, FetchedMessage, JsonDict
-from ingestion_grpc.providers.files import EmlImport
+from ingestion_grpc.providers.base import Batch, FetchedMessage, JsonDict, ProviderEnvironment
+from ingestion_grpc.providers.eml import EmlImport
 
 CORPORA = Path(__file__).resolve().parents[3].parent / "shared" / "corpora"
 HAM = CORPORA / "spamassassin-easy-ham-1.mbox"
 FOLDERS = ["", "Archive", "Archive/2002", "Archive/2002/Lists", "Inbox"]
-
-
-@pytest.fixture
-def import_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path / "imports"
-    root.mkdir()
-    monkeypatch.setenv("IMPORT_ROOT", str(root))
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -58,21 +50,21 @@ def fetch_all(
     return batches, [m for b in batches for m in b.messages]
 
 
-def eml(config: dict[str, str], **options: int) -> EmlImport:
-    provider = EmlImport(EmlImport.validate_config(config), **options)
+def eml(env: ProviderEnvironment, config: dict[str, str], **options: int) -> EmlImport:
+    provider = EmlImport(EmlImport.validate_config(config), env, **options)
     provider.check_connection()
     return provider
 
 
 def test_the_ham_messages_zipped_as_eml_come_back_byte_for_byte(
-    import_root: Path, ham: list[bytes]
+    env: ProviderEnvironment, import_root: Path, ham: list[bytes]
 ) -> None:
     entries = [(entry_name(i), raw) for i, raw in enumerate(ham)]
     # folders, a file that is not an .eml, in shuffled order: the import sorts
     extra = [("Archive/", b""), ("README.txt", b"not mail")]
     write_zip(import_root / "mail.zip", extra + entries[::-1])
 
-    provider = eml({"localFilePath": "mail.zip"})
+    provider = eml(env, {"localFilePath": "mail.zip"})
     assert provider.continuous_sync is False
     assert provider.list_mailboxes() == ["mail.zip"]
     batches, messages = fetch_all(provider)
@@ -89,16 +81,16 @@ def test_the_ham_messages_zipped_as_eml_come_back_byte_for_byte(
 
 
 def test_a_restart_from_any_batch_cursor_yields_exactly_the_rest(
-    import_root: Path, ham: list[bytes]
+    env: ProviderEnvironment, import_root: Path, ham: list[bytes]
 ) -> None:
     entries = [(entry_name(i), raw) for i, raw in enumerate(ham[:600])]
     write_zip(import_root / "mail.zip", [*entries, ("junk/notes.txt", b"x")])
-    batches, everything = fetch_all(eml({"localFilePath": "mail.zip"}, batch_messages=70))
+    batches, everything = fetch_all(eml(env, {"localFilePath": "mail.zip"}, batch_messages=70))
     assert len(everything) == 600
     done = 0
     for batch in batches:
         done += len(batch.messages)
-        fresh = EmlImport({"localFilePath": "mail.zip"}, batch_messages=70)
+        fresh = EmlImport({"localFilePath": "mail.zip"}, env, batch_messages=70)
         _, rest = fetch_all(fresh, batch.cursor)
         assert [(m.provider_message_id, m.raw) for m in rest] == [
             (m.provider_message_id, m.raw) for m in everything[done:]
@@ -107,7 +99,7 @@ def test_a_restart_from_any_batch_cursor_yields_exactly_the_rest(
 
 
 def test_entries_that_climb_out_of_the_archive_are_skipped_counted_and_logged(
-    import_root: Path, caplog: pytest.LogCaptureFixture
+    env: ProviderEnvironment, import_root: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     write_zip(
         import_root / "evil.zip",
@@ -121,7 +113,7 @@ def test_entries_that_climb_out_of_the_archive_are_skipped_counted_and_logged(
             ("good.eml", b"Subject: good\r\n\r\nbody\r\n"),
         ],
     )
-    provider = eml({"localFilePath": "evil.zip"})
+    provider = eml(env, {"localFilePath": "evil.zip"})
     with caplog.at_level(logging.WARNING):
         _, messages = fetch_all(provider)
     assert [(m.provider_message_id, m.folder_path, m.raw) for m in messages] == [
@@ -133,28 +125,32 @@ def test_entries_that_climb_out_of_the_archive_are_skipped_counted_and_logged(
     assert "../evil.eml" in caplog.text
 
 
-def test_a_zip_bomb_entry_is_refused_before_anything_is_imported(import_root: Path) -> None:
+def test_a_zip_bomb_entry_is_refused_before_anything_is_imported(
+    env: ProviderEnvironment, import_root: Path
+) -> None:
     bomb = b"\0" * (2 * 1024 * 1024)  # compresses about 1000:1
     write_zip(import_root / "bomb.zip", [("a.eml", b"Subject: a\r\n\r\n"), ("b.eml", bomb)])
-    provider = eml({"localFilePath": "bomb.zip"})
+    provider = eml(env, {"localFilePath": "bomb.zip"})
     with pytest.raises(ProviderDataError, match="zip bomb") as caught:
         next(iter(provider.fetch("bomb.zip", None)))
     assert "b.eml" in str(caught.value)
     # under the ratio threshold (a small entry), the same ratio is fine
-    small = eml({"localFilePath": "bomb.zip"}, ratio_min_bytes=4 * 1024 * 1024)
+    small = eml(env, {"localFilePath": "bomb.zip"}, ratio_min_bytes=4 * 1024 * 1024)
     assert len(fetch_all(small)[1]) == 2
 
 
-def test_an_entry_over_the_size_limit_is_refused(import_root: Path) -> None:
+def test_an_entry_over_the_size_limit_is_refused(
+    env: ProviderEnvironment, import_root: Path
+) -> None:
     big = bytes(range(256)) * 400  # 100 KiB, incompressible enough
     write_zip(import_root / "big.zip", [("a.eml", b"Subject: a\r\n\r\n"), ("big.eml", big)])
-    provider = eml({"localFilePath": "big.zip"}, max_entry_bytes=50_000)
+    provider = eml(env, {"localFilePath": "big.zip"}, max_entry_bytes=50_000)
     with pytest.raises(ProviderDataError, match=r"big\.eml") as caught:
         fetch_all(provider)
     assert "limit of 50000" in str(caught.value)
 
 
-def test_a_damaged_entry_is_a_data_error(import_root: Path) -> None:
+def test_a_damaged_entry_is_a_data_error(env: ProviderEnvironment, import_root: Path) -> None:
     path = import_root / "bad.zip"
     data = b"Subject: x\r\n\r\n" + b"ABCDEFGH" * 100
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
@@ -162,16 +158,18 @@ def test_a_damaged_entry_is_a_data_error(import_root: Path) -> None:
     raw = bytearray(path.read_bytes())
     raw[raw.index(b"ABCDEFGH") + 3] ^= 0xFF  # the CRC no longer matches
     path.write_bytes(bytes(raw))
-    provider = eml({"localFilePath": "bad.zip"})
+    provider = eml(env, {"localFilePath": "bad.zip"})
     with pytest.raises(ProviderDataError, match=r"x\.eml"):
         fetch_all(provider)
 
 
-def test_duplicate_entry_names_are_both_imported_with_distinct_ids(import_root: Path) -> None:
+def test_duplicate_entry_names_are_both_imported_with_distinct_ids(
+    env: ProviderEnvironment, import_root: Path
+) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zipfile warns about the duplicate name
         write_zip(import_root / "dup.zip", [("m.eml", b"Subject: 1\r\n\r\n"), ("m.eml", b"S: 2")])
-    _, messages = fetch_all(eml({"localFilePath": "dup.zip"}))
+    _, messages = fetch_all(eml(env, {"localFilePath": "dup.zip"}))
     assert [(m.provider_message_id, m.raw) for m in messages] == [
         ("m.eml", b"Subject: 1\r\n\r\n"),
         ("m.eml#2", b"S: 2"),
@@ -179,7 +177,7 @@ def test_duplicate_entry_names_are_both_imported_with_distinct_ids(import_root: 
 
 
 def test_a_folder_of_eml_files_is_walked_in_sorted_order(
-    import_root: Path, tmp_path: Path, ham: list[bytes]
+    env: ProviderEnvironment, import_root: Path, tmp_path: Path, ham: list[bytes]
 ) -> None:
     top = import_root / "export"
     for i in range(30):
@@ -194,7 +192,7 @@ def test_a_folder_of_eml_files_is_walked_in_sorted_order(
     (top / "linked-folder").symlink_to(top / "Archive")
     (top / "Inbox" / "inside.eml").symlink_to(top / "0000.eml")
 
-    provider = eml({"localFilePath": "export"}, batch_messages=7)
+    provider = eml(env, {"localFilePath": "export"}, batch_messages=7)
     assert provider.list_mailboxes() == ["export"]
     batches, messages = fetch_all(provider)
     expected = sorted([*(entry_name(i) for i in range(30)), "Inbox/inside.eml"])
@@ -209,32 +207,34 @@ def test_a_folder_of_eml_files_is_walked_in_sorted_order(
     done = 0
     for batch in batches:
         done += len(batch.messages)
-        fresh = EmlImport({"localFilePath": "export"}, batch_messages=7)
+        fresh = EmlImport({"localFilePath": "export"}, env, batch_messages=7)
         _, rest = fetch_all(fresh, batch.cursor)
         assert [m.provider_message_id for m in rest] == expected[done:]
 
     # a file added before the resume point shifts the listing: refused, not skipped
     (top / "0000a.eml").write_bytes(b"Subject: new\r\n\r\n")
     with pytest.raises(ProviderDataError, match="changed"):
-        fetch_all(EmlImport({"localFilePath": "export"}), batches[1].cursor)
+        fetch_all(EmlImport({"localFilePath": "export"}, env), batches[1].cursor)
 
 
-def test_a_file_that_is_neither_a_zip_nor_a_folder_is_refused(import_root: Path) -> None:
+def test_a_file_that_is_neither_a_zip_nor_a_folder_is_refused(
+    env: ProviderEnvironment, import_root: Path
+) -> None:
     (import_root / "x.zip").write_bytes(b"Subject: not a zip\r\n\r\n")
     with pytest.raises(InvalidArgument) as caught:
-        EmlImport({"localFilePath": "x.zip"}).check_connection()
+        EmlImport({"localFilePath": "x.zip"}, env).check_connection()
     assert caught.value.field == "providerConfig.localFilePath"
     assert "is not a zip file" in caught.value.description
     with pytest.raises(InvalidArgument) as caught:
-        EmlImport({"localFilePath": "missing.zip"}).check_connection()
+        EmlImport({"localFilePath": "missing.zip"}, env).check_connection()
     assert caught.value.description == "does not exist"
 
 
 def test_a_zip_escaping_the_root_through_a_symlink_is_refused(
-    import_root: Path, tmp_path: Path
+    env: ProviderEnvironment, import_root: Path, tmp_path: Path
 ) -> None:
     write_zip(tmp_path / "outside.zip", [("a.eml", b"Subject: a\r\n\r\n")])
     (import_root / "in.zip").symlink_to(tmp_path / "outside.zip")
     with pytest.raises(InvalidArgument) as caught:
-        EmlImport({"localFilePath": "in.zip"}).check_connection()
+        EmlImport({"localFilePath": "in.zip"}, env).check_connection()
     assert "symbolic link" in caught.value.description

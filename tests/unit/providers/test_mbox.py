@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import mailbox
 import os
 import random
@@ -15,15 +16,12 @@ from pathlib import Path
 import pytest
 
 from ingestion_grpc.errors import InvalidArgument, ProviderDataError
-from ingestion_grpc.providers.base import Batch, FetchedMessage, JsonDict
-from ingestion_grpc.providers.files import (
-    MAX_BATCH_BYTES,
-    MAX_BATCH_MESSAGES,
-    EmlImport,
-    MboxImport,
-    PstImport,
-    file_roots,
-)
+from ingestion_grpc.providers.base import Batch, FetchedMessage, JsonDict, ProviderEnvironment
+from ingestion_grpc.providers.eml import EmlImport
+from ingestion_grpc.providers.files import MAX_BATCH_BYTES, MAX_BATCH_MESSAGES
+from ingestion_grpc.providers.mbox import MboxImport
+from ingestion_grpc.providers.pst import PstImport
+from ingestion_grpc.providers.registry import provider_class
 
 CORPORA = Path(__file__).resolve().parents[3].parent / "shared" / "corpora"
 HAM = CORPORA / "spamassassin-easy-ham-1.mbox"
@@ -51,25 +49,11 @@ def through_storage(cursor: JsonDict) -> JsonDict:
     return {k: float(v) if isinstance(v, int) else v for k, v in restored.items()}
 
 
-@pytest.fixture
-def import_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path / "imports"
-    root.mkdir()
-    monkeypatch.setenv("IMPORT_ROOT", str(root))
-    monkeypatch.setenv("UPLOAD_ROOT", str(tmp_path / "uploads"))
-    return root
-
-
-@pytest.fixture
-def corpora_root(monkeypatch: pytest.MonkeyPatch) -> Path:
-    assert HAM.is_file(), f"the test corpora are missing: expected them in {CORPORA}"
-    monkeypatch.setenv("IMPORT_ROOT", str(CORPORA))
-    return CORPORA
-
-
-def mbox_in(root: Path, data: bytes, name: str = "test.mbox", **options: int) -> MboxImport:
-    (root / name).write_bytes(data)
-    provider = MboxImport(MboxImport.validate_config({"localFilePath": name}), **options)
+def mbox_in(
+    env: ProviderEnvironment, data: bytes, name: str = "test.mbox", **options: int
+) -> MboxImport:
+    (env.import_root / name).write_bytes(data)
+    provider = MboxImport(MboxImport.validate_config({"localFilePath": name}), env, **options)
     provider.check_connection()
     return provider
 
@@ -77,8 +61,8 @@ def mbox_in(root: Path, data: bytes, name: str = "test.mbox", **options: int) ->
 # --- the corpora -------------------------------------------------------------------------
 
 
-def test_the_ham_mbox_is_archived_byte_for_byte(corpora_root: Path) -> None:
-    provider = MboxImport(MboxImport.validate_config({"localFilePath": HAM.name}))
+def test_the_ham_mbox_is_archived_byte_for_byte(corpora: ProviderEnvironment) -> None:
+    provider = MboxImport(MboxImport.validate_config({"localFilePath": HAM.name}), corpora)
     provider.check_connection()
     assert provider.continuous_sync is False
     assert provider.list_mailboxes() == [HAM.name]
@@ -114,22 +98,24 @@ def test_the_ham_mbox_is_archived_byte_for_byte(corpora_root: Path) -> None:
     assert batches[-1].cursor == {"offset": size, "count": 2500, "size": size}
 
 
-def test_the_spam_mbox_has_500_messages_byte_for_byte(corpora_root: Path) -> None:
-    provider = MboxImport({"localFilePath": str(SPAM)})  # an absolute path inside the root
+def test_the_spam_mbox_has_500_messages_byte_for_byte(corpora: ProviderEnvironment) -> None:
+    provider = MboxImport({"localFilePath": str(SPAM)}, corpora)  # an absolute path inside the root
     _, messages = fetch_all(provider)
     assert [m.raw for m in messages] == cpython_messages(SPAM)
     assert len(messages) == 500
 
 
-def test_a_restart_from_any_batch_cursor_yields_exactly_the_rest(corpora_root: Path) -> None:
-    provider = MboxImport({"localFilePath": HAM.name}, batch_messages=97)
+def test_a_restart_from_any_batch_cursor_yields_exactly_the_rest(
+    corpora: ProviderEnvironment,
+) -> None:
+    provider = MboxImport({"localFilePath": HAM.name}, corpora, batch_messages=97)
     batches, everything = fetch_all(provider)
     assert len(batches) == 26
     done = 0
     for batch in batches:
         done += len(batch.messages)
         # a new process, after a crash: a fresh provider, the cursor from storage
-        fresh = MboxImport({"localFilePath": HAM.name}, batch_messages=97)
+        fresh = MboxImport({"localFilePath": HAM.name}, corpora, batch_messages=97)
         _, rest = fetch_all(fresh, through_storage(batch.cursor))
         assert [m.raw for m in rest] == [m.raw for m in everything[done:]]
         assert [m.provider_message_id for m in rest] == [
@@ -137,8 +123,8 @@ def test_a_restart_from_any_batch_cursor_yields_exactly_the_rest(corpora_root: P
         ]
 
 
-def test_batches_are_bounded_by_bytes(corpora_root: Path) -> None:
-    provider = MboxImport({"localFilePath": HAM.name}, batch_bytes=100_000)
+def test_batches_are_bounded_by_bytes(corpora: ProviderEnvironment) -> None:
+    provider = MboxImport({"localFilePath": HAM.name}, corpora, batch_bytes=100_000)
     batches, messages = fetch_all(provider)
     assert len(messages) == 2500
     for batch in batches:
@@ -179,21 +165,21 @@ CASES = {
 @pytest.mark.parametrize(("data", "count"), CASES.values(), ids=list(CASES))
 @pytest.mark.parametrize("chunk", [8, 1024 * 1024])
 def test_mbox_edge_cases_match_cpython(
-    import_root: Path, data: bytes, count: int, chunk: int
+    env: ProviderEnvironment, import_root: Path, data: bytes, count: int, chunk: int
 ) -> None:
-    provider = mbox_in(import_root, data, chunk_bytes=chunk)
+    provider = mbox_in(env, data, chunk_bytes=chunk)
     _, messages = fetch_all(provider)
     expected = cpython_messages(import_root / "test.mbox")
     assert len(expected) == count
     assert [m.raw for m in messages] == expected
 
 
-def test_quoted_from_stays_quoted_and_crlf_stays_crlf(import_root: Path) -> None:
+def test_quoted_from_stays_quoted_and_crlf_stays_crlf(env: ProviderEnvironment) -> None:
     data = (
         b"From a\r\nSubject: one\r\n\r\n>From here\r\nFrom-dash\r\n\r\n"
         b"From b\r\nSubject: two\r\n\r\nend"
     )
-    _, messages = fetch_all(mbox_in(import_root, data))
+    _, messages = fetch_all(mbox_in(env, data))
     assert [m.raw for m in messages] == [
         # a blank CRLF line is not the "\n" line CPython drops before a From line
         b"Subject: one\r\n\r\n>From here\r\nFrom-dash\r\n\r\n",
@@ -202,7 +188,9 @@ def test_quoted_from_stays_quoted_and_crlf_stays_crlf(import_root: Path) -> None
     assert [m.provider_message_id for m in messages] == ["0", str(data.index(b"From b"))]
 
 
-def test_random_mbox_files_match_cpython_and_resume_exactly(import_root: Path) -> None:
+def test_random_mbox_files_match_cpython_and_resume_exactly(
+    env: ProviderEnvironment, import_root: Path
+) -> None:
     pieces = [
         b"From x@y Sat Jan  3 01:05:34 1996\n",
         b"From ",
@@ -224,18 +212,18 @@ def test_random_mbox_files_match_cpython_and_resume_exactly(import_root: Path) -
         path.write_bytes(data)
         expected = cpython_messages(path)
         options = {"chunk_bytes": rng.choice([8, 9, 16, 50]), "batch_messages": 2}
-        batches, messages = fetch_all(MboxImport({"localFilePath": path.name}, **options))
+        batches, messages = fetch_all(MboxImport({"localFilePath": path.name}, env, **options))
         assert [m.raw for m in messages] == expected, (case, data)
         done = 0
         for batch in batches:
             done += len(batch.messages)
-            fresh = MboxImport({"localFilePath": path.name}, **options)
+            fresh = MboxImport({"localFilePath": path.name}, env, **options)
             _, rest = fetch_all(fresh, batch.cursor)
             assert [m.raw for m in rest] == expected[done:], (case, data, batch.cursor)
 
 
-def test_an_empty_mbox_is_valid_and_imports_nothing(import_root: Path) -> None:
-    batches, messages = fetch_all(mbox_in(import_root, b""))
+def test_an_empty_mbox_is_valid_and_imports_nothing(env: ProviderEnvironment) -> None:
+    batches, messages = fetch_all(mbox_in(env, b""))
     assert batches == []
     assert messages == []
 
@@ -243,9 +231,11 @@ def test_an_empty_mbox_is_valid_and_imports_nothing(import_root: Path) -> None:
 @pytest.mark.parametrize(
     "data", [b"Subject: no From line\n\nbody\n", b"\n\nhello\nFrom a\n", b"%PDF-1.4\n", b"Fro"]
 )
-def test_a_file_that_is_not_an_mbox_is_refused(import_root: Path, data: bytes) -> None:
+def test_a_file_that_is_not_an_mbox_is_refused(
+    env: ProviderEnvironment, import_root: Path, data: bytes
+) -> None:
     (import_root / "x.mbox").write_bytes(data)
-    provider = MboxImport({"localFilePath": "x.mbox"})
+    provider = MboxImport({"localFilePath": "x.mbox"}, env)
     with pytest.raises(InvalidArgument) as caught:
         provider.check_connection()
     assert caught.value.field == "providerConfig.localFilePath"
@@ -254,15 +244,17 @@ def test_a_file_that_is_not_an_mbox_is_refused(import_root: Path, data: bytes) -
         list(provider.fetch("x.mbox", None))
 
 
-def test_a_message_over_the_size_limit_stops_the_import(import_root: Path) -> None:
+def test_a_message_over_the_size_limit_stops_the_import(env: ProviderEnvironment) -> None:
     data = b"From a\n\nsmall\n\nFrom b\n\n" + b"x" * 5000 + b"\n\nFrom c\n\nsmall\n"
-    provider = mbox_in(import_root, data, chunk_bytes=64, max_message_bytes=1000)
+    provider = mbox_in(env, data, chunk_bytes=64, max_message_bytes=1000)
     with pytest.raises(ProviderDataError, match="larger than the limit"):
         fetch_all(provider)
 
 
-def test_a_file_changed_under_the_import_is_refused(import_root: Path) -> None:
-    provider = mbox_in(import_root, b"From a\n\none\n\nFrom b\n\ntwo\n", batch_messages=1)
+def test_a_file_changed_under_the_import_is_refused(
+    env: ProviderEnvironment, import_root: Path
+) -> None:
+    provider = mbox_in(env, b"From a\n\none\n\nFrom b\n\ntwo\n", batch_messages=1)
     first = next(iter(provider.fetch("test.mbox", None)))
     (import_root / "test.mbox").write_bytes(b"From a\n\none!\n\nFrom b\n\ntwo\n")
     with pytest.raises(ProviderDataError, match="changed"):
@@ -273,8 +265,8 @@ def test_a_file_changed_under_the_import_is_refused(import_root: Path) -> None:
         fetch_all(provider, first.cursor)
 
 
-def test_fetch_refuses_an_unknown_mailbox(import_root: Path) -> None:
-    provider = mbox_in(import_root, b"From a\n\n")
+def test_fetch_refuses_an_unknown_mailbox(env: ProviderEnvironment) -> None:
+    provider = mbox_in(env, b"From a\n\n")
     with pytest.raises(InvalidArgument) as caught:
         list(provider.fetch("other.mbox", None))
     assert caught.value.field == "mailbox"
@@ -283,21 +275,24 @@ def test_fetch_refuses_an_unknown_mailbox(import_root: Path) -> None:
 # --- path rules (shared by every file import) -----------------------------------------
 
 
-def test_file_roots_default_to_the_data_dir(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.delenv("IMPORT_ROOT", raising=False)
-    monkeypatch.delenv("UPLOAD_ROOT", raising=False)
-    monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
-    assert file_roots() == (tmp_path / "data" / "imports", tmp_path / "data" / "uploads")
-    monkeypatch.setenv("IMPORT_ROOT", "/srv/in")
-    monkeypatch.setenv("UPLOAD_ROOT", "/srv/up")
-    assert file_roots() == (Path("/srv/in"), Path("/srv/up"))
+def test_the_roots_default_to_the_data_dir(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    assert ProviderEnvironment.from_env({"DATA_DIR": str(data)}) == ProviderEnvironment(
+        import_root=data / "imports", upload_root=data / "uploads"
+    )
+    given = {"DATA_DIR": str(data), "IMPORT_ROOT": "/srv/in", "UPLOAD_ROOT": "/srv/up"}
+    assert ProviderEnvironment.from_env(given) == ProviderEnvironment(
+        import_root=Path("/srv/in"), upload_root=Path("/srv/up")
+    )
 
 
-def refused(provider_class: type[MboxImport | EmlImport | PstImport], **config: str) -> str:
+def refused(
+    env: ProviderEnvironment,
+    provider_class: type[MboxImport | EmlImport | PstImport],
+    **config: str,
+) -> str:
     with pytest.raises(InvalidArgument) as caught:
-        provider_class(provider_class.validate_config(config)).check_connection()
+        provider_class(provider_class.validate_config(config), env).check_connection()
     name = next(iter(config))
     assert caught.value.field == f"providerConfig.{name}"
     return caught.value.description
@@ -305,44 +300,44 @@ def refused(provider_class: type[MboxImport | EmlImport | PstImport], **config: 
 
 @pytest.mark.parametrize("cls", [MboxImport, EmlImport, PstImport], ids=lambda c: c.name)
 def test_a_path_outside_the_import_root_is_refused(
-    import_root: Path, tmp_path: Path, cls: type[MboxImport | EmlImport | PstImport]
+    env: ProviderEnvironment, tmp_path: Path, cls: type[MboxImport | EmlImport | PstImport]
 ) -> None:
     outside = tmp_path / "elsewhere.mbox"
     outside.write_bytes(b"From a\n\n")
-    assert "IMPORT_ROOT" in refused(cls, localFilePath=str(outside))
+    assert "IMPORT_ROOT" in refused(env, cls, localFilePath=str(outside))
     # not even a missing file outside the root is looked at
-    assert "IMPORT_ROOT" in refused(cls, localFilePath="/etc/no-such-file")
-    assert "IMPORT_ROOT" in refused(cls, localFilePath="/etc/passwd")
+    assert "IMPORT_ROOT" in refused(env, cls, localFilePath="/etc/no-such-file")
+    assert "IMPORT_ROOT" in refused(env, cls, localFilePath="/etc/passwd")
 
 
 @pytest.mark.parametrize("path", ["../elsewhere.mbox", "a/../../x", "..", "a\\..\\b"])
-def test_dot_dot_is_refused_before_the_filesystem_is_consulted(
-    import_root: Path, path: str
-) -> None:
+def test_dot_dot_is_refused_before_the_filesystem_is_consulted(path: str) -> None:
     with pytest.raises(InvalidArgument) as caught:
         MboxImport.validate_config({"localFilePath": path})
     assert caught.value.field == "providerConfig.localFilePath"
     assert "'..'" in caught.value.description
 
 
-def test_a_symlink_that_escapes_the_root_is_refused(import_root: Path, tmp_path: Path) -> None:
+def test_a_symlink_that_escapes_the_root_is_refused(
+    env: ProviderEnvironment, import_root: Path, tmp_path: Path
+) -> None:
     outside = tmp_path / "secret.mbox"
     outside.write_bytes(b"From a\n\nsecret\n")
     (import_root / "link.mbox").symlink_to(outside)
     (import_root / "dir-link").symlink_to(tmp_path)
-    assert "symbolic link" in refused(MboxImport, localFilePath="link.mbox")
-    assert "symbolic link" in refused(MboxImport, localFilePath=str(import_root / "link.mbox"))
-    assert "symbolic link" in refused(MboxImport, localFilePath="dir-link/secret.mbox")
-    provider = MboxImport({"localFilePath": "link.mbox"})
+    assert "symbolic link" in refused(env, MboxImport, localFilePath="link.mbox")
+    assert "symbolic link" in refused(env, MboxImport, localFilePath=str(import_root / "link.mbox"))
+    assert "symbolic link" in refused(env, MboxImport, localFilePath="dir-link/secret.mbox")
+    provider = MboxImport({"localFilePath": "link.mbox"}, env)
     with pytest.raises(InvalidArgument):
         list(provider.fetch("link.mbox", None))
 
 
-def test_a_symlink_inside_the_root_is_followed(import_root: Path) -> None:
+def test_a_symlink_inside_the_root_is_followed(env: ProviderEnvironment, import_root: Path) -> None:
     (import_root / "real.mbox").write_bytes(b"From a\nSubject: hi\n\nhello\n")
     (import_root / "sub").mkdir()
     (import_root / "sub" / "link.mbox").symlink_to(import_root / "real.mbox")
-    provider = MboxImport({"localFilePath": "sub/link.mbox"})
+    provider = MboxImport({"localFilePath": "sub/link.mbox"}, env)
     provider.check_connection()
     assert provider.list_mailboxes() == ["link.mbox"]
     messages = fetch_all(provider)[1]
@@ -350,31 +345,98 @@ def test_a_symlink_inside_the_root_is_followed(import_root: Path) -> None:
     assert [m.folder_path for m in messages] == ["link.mbox"]  # the mailbox's name
 
 
-def test_missing_and_unsuitable_paths_are_explained(import_root: Path) -> None:
-    assert refused(MboxImport, localFilePath="nope.mbox") == "does not exist"
+def test_missing_and_unsuitable_paths_are_explained(
+    env: ProviderEnvironment, import_root: Path
+) -> None:
+    assert refused(env, MboxImport, localFilePath="nope.mbox") == "does not exist"
     (import_root / "folder").mkdir()
-    assert refused(MboxImport, localFilePath="folder") == "is a folder, not a file"
+    assert refused(env, MboxImport, localFilePath="folder") == "is a folder, not a file"
     os.mkfifo(import_root / "fifo.mbox")
-    assert refused(MboxImport, localFilePath="fifo.mbox") == "is not a regular file"
+    assert refused(env, MboxImport, localFilePath="fifo.mbox") == "is not a regular file"
     (import_root / "loop").symlink_to(import_root / "loop")
-    assert "cannot be resolved" in refused(MboxImport, localFilePath="loop")
+    assert "cannot be resolved" in refused(env, MboxImport, localFilePath="loop")
 
 
-def test_uploads_live_under_the_upload_root(import_root: Path, tmp_path: Path) -> None:
+def test_uploads_live_under_the_upload_root(
+    env: ProviderEnvironment, import_root: Path, tmp_path: Path
+) -> None:
     uploads = tmp_path / "uploads"
     (uploads / "2024").mkdir(parents=True)
     (uploads / "2024" / "u.mbox").write_bytes(b"From a\nSubject: up\n\nup\n")
-    provider = MboxImport(MboxImport.validate_config({"uploadedFilePath": "2024/u.mbox"}))
+    provider = MboxImport(MboxImport.validate_config({"uploadedFilePath": "2024/u.mbox"}), env)
     provider.check_connection()
     assert [m.raw for m in fetch_all(provider)[1]] == [b"Subject: up\n\nup\n"]
     # an upload path cannot reach the import root, nor the other way round
     (import_root / "i.mbox").write_bytes(b"From a\n\n")
-    assert "UPLOAD_ROOT" in refused(MboxImport, uploadedFilePath=str(import_root / "i.mbox"))
-    assert "IMPORT_ROOT" in refused(MboxImport, localFilePath=str(uploads / "2024" / "u.mbox"))
+    assert "UPLOAD_ROOT" in refused(env, MboxImport, uploadedFilePath=str(import_root / "i.mbox"))
+    assert "IMPORT_ROOT" in refused(env, MboxImport, localFilePath=str(uploads / "2024" / "u.mbox"))
 
 
-def test_closing_the_batches_closes_the_file(import_root: Path) -> None:
-    provider = mbox_in(import_root, b"From a\n\none\n\nFrom b\n\ntwo\n", batch_messages=1)
+@pytest.mark.parametrize("name", ["mbox_import", "eml_import", "pst_import"])
+def test_a_successful_import_removes_the_upload_and_never_a_local_file(
+    env: ProviderEnvironment, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    env.upload_root.mkdir()
+    upload = env.upload_root / "1234.upload"
+    local = env.import_root / "1234.upload"
+    upload.write_bytes(b"uploaded")
+    local.write_bytes(b"local")
+    cls = provider_class(name)  # as the engine builds it: (config, environment)
+    cls({"localFilePath": "1234.upload"}, env).after_successful_import()
+    assert local.read_bytes() == b"local"
+    caplog.set_level(logging.INFO)
+    cls({"uploadedFilePath": "1234.upload"}, env).after_successful_import()
+    assert not upload.exists()
+    assert "removed the uploaded file '1234.upload'" in caplog.text
+    cls({"uploadedFilePath": "1234.upload"}, env).after_successful_import()  # gone: fine
+    assert "already gone" in caplog.text
+    assert local.read_bytes() == b"local"
+
+
+def test_only_what_the_upload_endpoint_stored_is_ever_removed(
+    env: ProviderEnvironment, tmp_path: Path
+) -> None:
+    env.upload_root.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    kept = outside / "x.upload"
+    kept.write_bytes(b"keep")
+    (env.upload_root / "dir-link").symlink_to(outside)
+    (env.upload_root / "2024").mkdir()
+    (env.upload_root / "2024" / "u.upload").write_bytes(b"keep")
+    (env.upload_root / "u.mbox").write_bytes(b"keep")
+    for given in (
+        "dir-link/x.upload",
+        str(kept),
+        "sub/../../outside/x.upload",
+        ".",
+        "2024/u.upload",  # not where the endpoint stores uploads
+        "u.mbox",  # not a name the endpoint gives
+    ):
+        MboxImport({"uploadedFilePath": given}, env).after_successful_import()
+    assert kept.read_bytes() == b"keep"
+    assert (env.upload_root / "2024" / "u.upload").read_bytes() == b"keep"
+    assert (env.upload_root / "u.mbox").read_bytes() == b"keep"
+    # a link in the root is removed itself, never what it points at
+    (env.upload_root / "link.upload").symlink_to(kept)
+    MboxImport({"uploadedFilePath": "link.upload"}, env).after_successful_import()
+    assert not (env.upload_root / "link.upload").is_symlink()
+    assert kept.read_bytes() == b"keep"
+    # an absolute path to an upload is the same upload
+    (env.upload_root / "abs.upload").write_bytes(b"x")
+    MboxImport(
+        {"uploadedFilePath": str(env.upload_root / "abs.upload")}, env
+    ).after_successful_import()
+    assert not (env.upload_root / "abs.upload").exists()
+
+
+def test_an_unknown_limit_is_refused() -> None:
+    with pytest.raises(TypeError, match="no limit 'max_ratio'"):
+        MboxImport({"localFilePath": "x.mbox"}, max_ratio=3)
+
+
+def test_closing_the_batches_closes_the_file(env: ProviderEnvironment, import_root: Path) -> None:
+    provider = mbox_in(env, b"From a\n\none\n\nFrom b\n\ntwo\n", batch_messages=1)
     path = str(import_root / "test.mbox")
 
     def open_files() -> set[str]:

@@ -17,8 +17,9 @@ import pypff
 import pytest
 
 from ingestion_grpc.errors import InvalidArgument, ProviderDataError
-from ingestion_grpc.providers.base import Batch, FetchedMessage, JsonDict
-from ingestion_grpc.providers.files import PstImport, build_pst_message
+from ingestion_grpc.providers.base import Batch, FetchedMessage, JsonDict, ProviderEnvironment
+from ingestion_grpc.providers.pst import PstImport
+from ingestion_grpc.providers.pst_mime import build_pst_message
 
 CORPORA = Path(__file__).resolve().parents[3].parent / "shared" / "corpora"
 PST = CORPORA / "enron.pst"
@@ -31,21 +32,6 @@ FOLDER_COUNTS = {
     f"{TOP}/Sent Items": 2,
     f"{TOP}/Personal": 47,
 }
-
-
-@pytest.fixture
-def corpora_root(monkeypatch: pytest.MonkeyPatch) -> Path:
-    assert PST.is_file(), f"the test corpora are missing: expected them in {CORPORA}"
-    monkeypatch.setenv("IMPORT_ROOT", str(CORPORA))
-    return CORPORA
-
-
-@pytest.fixture
-def import_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path / "imports"
-    root.mkdir()
-    monkeypatch.setenv("IMPORT_ROOT", str(root))
-    return root
 
 
 def fetch_all(
@@ -88,8 +74,8 @@ def pypff_messages() -> list[tuple[int, Any]]:
     return found
 
 
-def test_enron_pst_gives_71_messages_in_5_folders(corpora_root: Path) -> None:
-    provider = PstImport(PstImport.validate_config({"localFilePath": PST.name}))
+def test_enron_pst_gives_71_messages_in_5_folders(corpora: ProviderEnvironment) -> None:
+    provider = PstImport(PstImport.validate_config({"localFilePath": PST.name}), corpora)
     provider.check_connection()
     assert provider.continuous_sync is False
     assert provider.list_mailboxes() == ["enron.pst"]
@@ -107,8 +93,8 @@ def test_enron_pst_gives_71_messages_in_5_folders(corpora_root: Path) -> None:
     assert batches[-1].cursor["count"] == 71
 
 
-def test_every_attachment_round_trips_with_its_name_and_bytes(corpora_root: Path) -> None:
-    _, messages = fetch_all(PstImport({"localFilePath": PST.name}))
+def test_every_attachment_round_trips_with_its_name_and_bytes(corpora: ProviderEnvironment) -> None:
+    _, messages = fetch_all(PstImport({"localFilePath": PST.name}, corpora))
     direct = dict(pypff_messages())
     total = 0
     for fetched in messages:
@@ -136,21 +122,25 @@ def test_every_attachment_round_trips_with_its_name_and_bytes(corpora_root: Path
     assert total == 70
 
 
-def test_two_imports_produce_identical_bytes(corpora_root: Path) -> None:
-    first = fetch_all(PstImport({"localFilePath": PST.name}))[1]
-    second = fetch_all(PstImport({"localFilePath": PST.name}))[1]
+def test_two_imports_produce_identical_bytes(corpora: ProviderEnvironment) -> None:
+    first = fetch_all(PstImport({"localFilePath": PST.name}, corpora))[1]
+    second = fetch_all(PstImport({"localFilePath": PST.name}, corpora))[1]
     assert [(m.provider_message_id, m.folder_path, m.raw) for m in first] == [
         (m.provider_message_id, m.folder_path, m.raw) for m in second
     ]
 
 
-def test_a_restart_from_any_batch_cursor_yields_exactly_the_rest(corpora_root: Path) -> None:
-    batches, everything = fetch_all(PstImport({"localFilePath": PST.name}, batch_messages=6))
+def test_a_restart_from_any_batch_cursor_yields_exactly_the_rest(
+    corpora: ProviderEnvironment,
+) -> None:
+    batches, everything = fetch_all(
+        PstImport({"localFilePath": PST.name}, corpora, batch_messages=6)
+    )
     assert len(batches) == 12
     done = 0
     for batch in batches:
         done += len(batch.messages)
-        fresh = PstImport({"localFilePath": PST.name}, batch_messages=6)
+        fresh = PstImport({"localFilePath": PST.name}, corpora, batch_messages=6)
         stored = json.loads(json.dumps(batch.cursor))
         stored["count"] = float(stored["count"])  # numbers come back as floats from Struct
         _, rest = fetch_all(fresh, stored)
@@ -160,72 +150,72 @@ def test_a_restart_from_any_batch_cursor_yields_exactly_the_rest(corpora_root: P
         assert [m.raw for m in rest] == [m.raw for m in everything[done:]]
 
 
-def test_batches_are_bounded_by_bytes(corpora_root: Path) -> None:
-    batches, messages = fetch_all(PstImport({"localFilePath": PST.name}, batch_bytes=1_000_000))
+def test_batches_are_bounded_by_bytes(corpora: ProviderEnvironment) -> None:
+    batches, messages = fetch_all(
+        PstImport({"localFilePath": PST.name}, corpora, batch_bytes=1_000_000)
+    )
     assert len(messages) == 71
     for batch in batches:
         assert sum(len(m.raw) for m in batch.messages) <= 1_000_000 or len(batch.messages) == 1
 
 
-def test_a_cursor_that_does_not_fit_the_file_is_refused(corpora_root: Path) -> None:
-    batches, _ = fetch_all(PstImport({"localFilePath": PST.name}, batch_messages=10))
+def test_a_cursor_that_does_not_fit_the_file_is_refused(corpora: ProviderEnvironment) -> None:
+    batches, _ = fetch_all(PstImport({"localFilePath": PST.name}, corpora, batch_messages=10))
     cursor = dict(batches[2].cursor)
     cursor["last"] = "lokay-m/elsewhere/1"
     with pytest.raises(ProviderDataError, match="changed"):
-        fetch_all(PstImport({"localFilePath": PST.name}), cursor)
+        fetch_all(PstImport({"localFilePath": PST.name}, corpora), cursor)
     with pytest.raises(ProviderDataError, match="changed"):
-        fetch_all(PstImport({"localFilePath": PST.name}), {**batches[0].cursor, "size": 12})
+        fetch_all(
+            PstImport({"localFilePath": PST.name}, corpora), {**batches[0].cursor, "size": 12}
+        )
 
 
-def test_a_truncated_pst_is_refused_without_crashing(corpora_root: Path, tmp_path: Path) -> None:
-    root = tmp_path / "imports"
-    root.mkdir()
+def test_a_truncated_pst_is_refused_without_crashing(
+    env: ProviderEnvironment, import_root: Path
+) -> None:
     with PST.open("rb") as source:
-        (root / "truncated.pst").write_bytes(source.read(1024 * 1024))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("IMPORT_ROOT", str(root))
-        provider = PstImport({"localFilePath": "truncated.pst"})
-        with pytest.raises(InvalidArgument) as caught:
-            provider.check_connection()
-        assert caught.value.field == "providerConfig.localFilePath"
-        assert "truncated" in caught.value.description
-        with pytest.raises((InvalidArgument, ProviderDataError)):
-            fetch_all(provider)
-        # past the header check, libpff's own failure is a data error too
-        with pytest.raises(ProviderDataError, match="damaged or truncated"):
-            list(provider.read(provider.source(), None))
+        (import_root / "truncated.pst").write_bytes(source.read(1024 * 1024))
+    provider = PstImport({"localFilePath": "truncated.pst"}, env)
+    with pytest.raises(InvalidArgument) as caught:
+        provider.check_connection()
+    assert caught.value.field == "providerConfig.localFilePath"
+    assert "truncated" in caught.value.description
+    with pytest.raises((InvalidArgument, ProviderDataError)):
+        fetch_all(provider)
+    # past the header check, libpff's own failure is a data error too
+    with pytest.raises(ProviderDataError, match="damaged or truncated"):
+        list(provider.read(provider.source(), None))
 
 
 def test_a_damaged_pst_is_a_data_error_or_reads_but_never_crashes(
-    corpora_root: Path, tmp_path: Path
+    env: ProviderEnvironment, import_root: Path
 ) -> None:
-    root = tmp_path / "imports"
-    root.mkdir()
     damaged = bytearray(PST.read_bytes())
     # overwrite the index nodes libpff reads at open (they sit near the end)
     damaged[-70_000:-4_096] = b"\xa5" * (70_000 - 4_096)
-    (root / "damaged.pst").write_bytes(bytes(damaged))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("IMPORT_ROOT", str(root))
-        provider = PstImport({"localFilePath": "damaged.pst"})
-        provider.check_connection()  # the header is intact
-        with pytest.raises(ProviderDataError, match="damaged or truncated"):
-            fetch_all(provider)
+    (import_root / "damaged.pst").write_bytes(bytes(damaged))
+    provider = PstImport({"localFilePath": "damaged.pst"}, env)
+    provider.check_connection()  # the header is intact
+    with pytest.raises(ProviderDataError, match="damaged or truncated"):
+        fetch_all(provider)
 
 
-def test_a_file_that_is_not_a_pst_is_refused(import_root: Path) -> None:
+def test_a_file_that_is_not_a_pst_is_refused(env: ProviderEnvironment, import_root: Path) -> None:
     (import_root / "x.pst").write_bytes(b"From a\n\nthis is an mbox\n")
     with pytest.raises(InvalidArgument) as caught:
-        PstImport({"localFilePath": "x.pst"}).check_connection()
+        PstImport({"localFilePath": "x.pst"}, env).check_connection()
     assert caught.value.description == "is not a PST or OST file"
 
 
-def test_a_pst_outside_the_import_root_is_refused(import_root: Path, tmp_path: Path) -> None:
+def test_a_pst_outside_the_import_root_is_refused(
+    env: ProviderEnvironment, import_root: Path, tmp_path: Path
+) -> None:
     shutil.copy(PST, tmp_path / "enron.pst")
     (import_root / "link.pst").symlink_to(tmp_path / "enron.pst")
     for path in (str(tmp_path / "enron.pst"), str(PST), "link.pst"):
         with pytest.raises(InvalidArgument) as caught:
-            PstImport(PstImport.validate_config({"localFilePath": path})).check_connection()
+            PstImport(PstImport.validate_config({"localFilePath": path}), env).check_connection()
         assert caught.value.field == "providerConfig.localFilePath"
 
 

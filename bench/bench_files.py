@@ -1,0 +1,478 @@
+"""File import benchmark: one big mbox through the real stack, next to the least work
+any importer must do; and the Enron PST next to Debian's `readpst -e`.
+
+What runs (all on this machine):
+
+- an mbox of `--size` bytes (default 1 GiB) written into this run's IMPORT_ROOT: the
+  SpamAssassin ham corpus repeated, every copy's Message-ID made unique (`<cN.…>`), so
+  that every message is new to the archive;
+- a PostgreSQL database and a Redis namespace of this run's own (dropped / cleaned at
+  the end), the gRPC server in this process, Envoy in front of it (bench_imap.py's
+  stack), and ONE Dramatiq worker subprocess, `--processes 1 --threads 1`.
+
+Timed, ours: `POST /v1/ingestion-sources` (mbox_import, localFilePath) until `GET` says
+the source is `imported`. The run must say exactly N fetched and archived, and the
+archive's rows must hold exactly the bytes the baseline read, or the run fails.
+Printed: messages/s, MB/s (of message bytes) and the peak RSS (VmHWM) of the Dramatiq
+worker process that ran the import.
+
+Timed, the baseline ("least work"): Python's `mailbox.mbox` reading every message
+(`get_bytes`), SHA-256 of it, and a file of its own, named by the digest, in one
+folder. Durable as ours is: every file and its name on disk before the next batch of
+500 (our batch) begins. Three ways, all printed:
+
+- `fsync each` (the reference): write the file, fsync it, next message; the folder
+  fsync'd once per batch. The plain program anyone would write;
+- `16 fsyncs at once`: 500 files written, then fsync'd by 16 threads, then the folder:
+  what our blob store did before it used syncfs;
+- `one syncfs a batch`: 500 files written, then one syncfs(2): what our blob store
+  does on Linux; the same durability with the same trick, the strictest comparison.
+
+Then enron.pst: created as a pst_import source and timed until `imported`, its reading
+and MIME rebuilding alone (the provider in this process), and `readpst -e` (pst-utils,
+no fsync) into an empty folder, median of 5.
+
+    .venv/bin/python bench/bench_files.py                  # 1 GiB mbox
+    .venv/bin/python bench/bench_files.py --size 100M
+    .venv/bin/python bench/bench_files.py --size 100M --py-spy prof.txt   # + where the
+                                                         # worker's time goes, by step
+
+`make bench-files SIZE=100M` does the same. Results: docs/benchmarks-files.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import hashlib
+import mailbox
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+# bench_imap puts the repository root on sys.path (for `tests.support`) on import.
+from bench_imap import MB, BenchFailed, PySpy, Stack, Worker, _wait_settled, running_stack
+from ingestion_grpc.config import parse_size
+from ingestion_grpc.providers.base import ProviderEnvironment
+from ingestion_grpc.providers.pst import PstImport
+from tests.support.corpora import ENRON_PST, HAM, mbox_messages
+
+BATCH = 500  # the engine's batch (providers.files.MAX_BATCH_MESSAGES)
+FSYNC_THREADS = 16  # as archive.blobstore._SYNC_THREADS
+FROM_LINE = b"From bench@example.com Sat Jan  1 00:00:00 2000\n"
+_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*<?", re.IGNORECASE | re.MULTILINE)
+
+
+# -- the mbox ---------------------------------------------------------------------------
+
+
+def _copyable(raw: bytes) -> tuple[bytes, bytes]:
+    """(head, tail): a copy is head + b"cN." + tail, a new Message-ID for each N.
+
+    The id is changed where it stands in the header block; a message without one
+    gets one in front."""
+    header_end = raw.find(b"\n\n")
+    found = _MESSAGE_ID.search(raw, 0, header_end if header_end != -1 else len(raw))
+    if found is None:
+        return b"Message-ID: <", b"no-id@bench.invalid>\n" + raw
+    return raw[: found.end()], raw[found.end() :]
+
+
+def write_mbox(path: Path, size: int) -> tuple[int, int]:
+    """An mbox of at least `size` bytes; (messages, bytes of the file)."""
+    pieces = [_copyable(raw) for raw in mbox_messages(HAM)]
+    count = written = copy = 0
+    with path.open("wb", buffering=4 * 1024 * 1024) as out:
+        while written < size:
+            tag = b"c%d." % copy
+            for head, tail in pieces:
+                for part in (FROM_LINE, head, tag, tail, b"\n"):
+                    out.write(part)
+                    written += len(part)
+                count += 1
+                if written >= size:
+                    break
+            copy += 1
+    return count, written
+
+
+# -- ours -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Ours:
+    messages: int
+    message_bytes: int
+    seconds: float
+    worker_peak_kib: int
+    worker_sampled_kib: int
+
+
+def import_through_stack(
+    stack: Stack, provider: str, path: Path, expected: int, *, profile: Path | None = None
+) -> Ours:
+    """Create the source over REST, wait until it is `imported`, check every counter."""
+    worker = Worker(stack.environment, stack.workdir / f"worker-{provider}.log")
+    spy: PySpy | None = None
+    try:
+        worker.start()
+        if profile is not None:
+            spy = PySpy(profile, worker.children()[0])
+        os.sync()  # nothing left to write back from generating the file while we are timed
+        started = time.monotonic()
+        created = stack.http.post(
+            f"{stack.base_url}/v1/ingestion-sources",
+            json={
+                "name": path.name,
+                "provider": provider,
+                "providerConfig": {"localFilePath": path.name},
+            },
+            timeout=60,
+        )
+        if created.status_code != 201:
+            raise BenchFailed(f"creating the source failed: {created.status_code} {created.text}")
+        source_id = created.json()["id"]
+        source = _wait_settled(stack, source_id, timeout=max(600.0, expected / 50), worker=worker)
+        seconds = time.monotonic() - started
+        worker_peak, _ = worker.peak_rss_kib()
+    finally:
+        if spy is not None:
+            spy.stop()
+        worker.stop()
+    if source["status"] != "imported":
+        raise BenchFailed(
+            f"the import ended {source['status']!r}: {source}\n{worker.log()[-3000:]}"
+        )
+    sessions = stack.http.get(
+        f"{stack.base_url}/v1/ingestion-sources/{source_id}/sync-sessions", timeout=30
+    ).json()["syncSessions"]
+    run = sessions[0]
+    counters = (run["status"], run["messagesFetched"], run["messagesArchived"])
+    if len(sessions) != 1 or counters != ("completed", expected, expected):
+        raise BenchFailed(f"expected one import of exactly {expected:,} messages: {sessions}")
+    rows, size = archived_rows(stack, source_id)
+    if rows != expected:
+        raise BenchFailed(f"archived_emails holds {rows:,} rows, expected {expected:,}")
+    return Ours(rows, size, seconds, worker_peak, worker.peak_sampled_kib)
+
+
+def archived_rows(stack: Stack, source_id: str) -> tuple[int, int]:
+    """(rows, total message bytes) of the source in the archive's catalog."""
+    with psycopg.connect(stack.database_url) as db:
+        row = db.execute(
+            "SELECT count(*), coalesce(sum(size_bytes), 0) FROM archived_emails "
+            "WHERE source_id = %s",
+            (source_id,),
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+# -- the baseline ---------------------------------------------------------------------------
+
+
+@dataclass
+class Baseline:
+    label: str
+    messages: int
+    message_bytes: int
+    seconds: float
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write(folder: Path, raw: bytes) -> int:
+    """A new file named by the SHA-256 of `raw`, written whole; its descriptor."""
+    fd = os.open(folder / hashlib.sha256(raw).hexdigest(), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    view = memoryview(raw)
+    while view:
+        view = view[os.write(fd, view) :]
+    return fd
+
+
+# How the baseline makes each batch of BATCH files durable (see the module docstring).
+FSYNC_EACH = "fsync each"
+FSYNC_PARALLEL = f"{FSYNC_THREADS} fsyncs at once"
+SYNCFS = "one syncfs a batch"
+BARRIERS = (FSYNC_EACH, FSYNC_PARALLEL, SYNCFS)
+
+
+def _syncfs(folder: Path) -> None:
+    """Linux's syncfs(2) on the file system holding `folder`."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if libc.syncfs(fd) != 0:
+            raise OSError(ctypes.get_errno(), "syncfs failed")
+    finally:
+        os.close(fd)
+
+
+def baseline(path: Path, folder: Path, barrier: str) -> Baseline:
+    """mailbox.mbox -> get_bytes -> SHA-256 -> one file each in one folder; each batch
+    of BATCH files (and the last) made durable with the files' names, by `barrier`."""
+    folder.mkdir()
+    os.sync()
+    started = time.monotonic()
+    box = mailbox.mbox(path, create=False)
+    count = size = 0
+    pending: list[int] = []
+    with ThreadPoolExecutor(FSYNC_THREADS) as pool:
+
+        def flush() -> None:
+            if barrier == FSYNC_PARALLEL:
+                list(pool.map(os.fsync, pending))
+            for fd in pending:
+                os.close(fd)
+            pending.clear()
+            if barrier == SYNCFS:
+                _syncfs(folder)
+            else:
+                _fsync_path(folder)
+
+        try:
+            for key in box.iterkeys():
+                raw = box.get_bytes(key)
+                fd = _write(folder, raw)
+                if barrier == FSYNC_EACH:
+                    os.fsync(fd)
+                pending.append(fd)
+                count += 1
+                size += len(raw)
+                if len(pending) >= BATCH:
+                    flush()
+            flush()
+        finally:
+            box.close()
+    return Baseline(barrier, count, size, time.monotonic() - started)
+
+
+# -- PST ----------------------------------------------------------------------------------
+
+
+def pst_read_alone(path: Path) -> tuple[int, float]:
+    """The pst_import provider in this process: every message read and rebuilt."""
+    provider = PstImport(
+        {"localFilePath": path.name},
+        ProviderEnvironment(import_root=path.parent, upload_root=path.parent / "uploads"),
+    )
+    started = time.monotonic()
+    batches = provider.fetch(provider.list_mailboxes()[0], None)
+    count = sum(len(batch.messages) for batch in batches)
+    return count, time.monotonic() - started
+
+
+def readpst(path: Path, workdir: Path, rounds: int = 5) -> tuple[list[int], float]:
+    """`readpst -e` into an empty folder: (files written by each round, median seconds)."""
+    binary = shutil.which("readpst")
+    if binary is None:
+        raise BenchFailed("readpst is not installed (apt-get install -y pst-utils)")
+    times: list[float] = []
+    files: list[int] = []
+    for index in range(rounds):
+        out = workdir / f"readpst-{index}"
+        out.mkdir()
+        started = time.monotonic()
+        subprocess.run([binary, "-q", "-e", "-o", str(out), str(path)], check=True, timeout=600)
+        times.append(time.monotonic() - started)
+        files.append(sum(len(names) for _, _, names in os.walk(out)))
+        shutil.rmtree(out)
+    return files, statistics.median(times)
+
+
+# -- where the worker's time goes ----------------------------------------------------------
+
+# (step, frames that mark it): the first step whose frames all occur in a sample of the
+# thread running engine.mailboxes._ingest takes the sample.
+STEPS: list[tuple[str, tuple[str, ...]]] = [
+    ("provider: read and split the mbox", ("_batched",)),
+    ("blob store: syncfs, once per batch", ("put_many", "_sync_file_system")),
+    ("blob store: fsync the blob files", ("put_many", "_write_chunk", "_in_parallel")),
+    ("blob store: create, write, rename temp files", ("put_many", "_write_chunk")),
+    ("blob store: mkdir the ab/cd folders", ("put_many", "_make_parents")),
+    ("blob store: fsync the folders", ("put_many", "_in_parallel")),
+    ("blob store: SHA-256, stat, paths", ("put_many",)),
+    ("catalog: parse metadata", ("record_batch", "parse_metadata")),
+    ("catalog INSERT: psycopg query conversion", ("record_batch", "_convert_query")),
+    ("catalog INSERT: waiting for PostgreSQL", ("record_batch", "Connection.wait")),
+    ("catalog INSERT: SQLAlchemy compile and rows", ("record_batch",)),
+    ("lease, cursor, counters, COMMIT", ("_record",)),
+    ("lease, cursor, counters, COMMIT", ("UnitOfWork.commit",)),
+]
+
+
+def summarize_profile(path: Path) -> None:
+    """Share of the ingesting thread's samples per step, from `py-spy record --idle
+    --format raw` output (idle samples count: they are fsync and PostgreSQL waits)."""
+    steps: dict[str, int] = dict.fromkeys((name for name, _ in STEPS), 0)
+    steps["other"] = 0
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [frame.split(" (")[0] for frame in stack.split(";")]
+        if "_ingest" not in frames:
+            continue
+        below = frames[frames.index("_ingest") + 1 :]
+        # a mark names a function (`put_many`) or a method (`Connection.wait`)
+        inside = {*below, *(frame.rpartition(".")[2] for frame in below)}
+        total += int(count)
+        name = next((n for n, marks in STEPS if inside.issuperset(marks)), "other")
+        steps[name] += int(count)
+    if not total:
+        print("                (no samples of engine.mailboxes._ingest in the profile)")
+        return
+    print(f"                where the ingesting thread's time went ({total:,} samples):")
+    for name, count in sorted(steps.items(), key=lambda item: -item[1]):
+        if count:
+            print(f"                  {100 * count / total:5.1f} %  {name}")
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+def rate(messages: int, size: int, seconds: float) -> str:
+    return f"{messages / seconds:,.0f} messages/s, {size / MB / seconds:.1f} MB/s"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--size", default="1G", help="size of the mbox: 100M, 1G, ... (powers of 1024; 1G)"
+    )
+    parser.add_argument("--no-pst", action="store_true", help="skip the PST comparison")
+    parser.add_argument(
+        "--py-spy",
+        type=Path,
+        metavar="FILE",
+        help="profile the worker during the mbox import (.svg flamegraph, .json "
+        "speedscope, else raw collapsed stacks, then summarized by step); needs py-spy",
+    )
+    parser.add_argument(
+        "--workdir", type=Path, help="where the files, data and logs go (default: a temp dir)"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the workdir (logs) at the end")
+    return parser.parse_args(argv)
+
+
+@contextlib.contextmanager
+def _workdir(parent: Path | None, keep: bool) -> Iterator[Path]:
+    """A new folder, removed at the end unless `keep`; kept (for its logs) on failure."""
+    workdir = Path(tempfile.mkdtemp(prefix="bench-files-", dir=parent))
+    workdir.chmod(0o755)
+    try:
+        yield workdir
+    except BenchFailed:
+        shutil.rmtree(workdir / "data" / "imports", ignore_errors=True)  # the big file
+        print(f"logs in {workdir}", file=sys.stderr)
+        raise
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    if not keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    size = parse_size(args.size, "--size")
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # make interrupted: clean up
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(
+        f"File import benchmark: mbox of {size / MB:,.0f} MB, {os.cpu_count()} CPUs, "
+        f"load average {load} (other work on the machine skews every figure)"
+    )
+    try:
+        with _workdir(args.workdir, args.keep) as workdir, running_stack(workdir) as stack:
+            print(f"  workdir {workdir}")
+            imports = workdir / "data" / "imports"  # IMPORT_ROOT (DATA_DIR/imports)
+            imports.mkdir(parents=True, exist_ok=True)
+            mbox = imports / "bench.mbox"
+            started = time.monotonic()
+            count, file_bytes = write_mbox(mbox, size)
+            print(
+                f"  wrote {mbox.name}: {count:,} messages, {file_bytes / MB:,.1f} MB "
+                f"in {time.monotonic() - started:.1f} s"
+            )
+
+            ours = import_through_stack(stack, "mbox_import", mbox, count, profile=args.py_spy)
+            print(
+                f"mbox, ours:     {ours.messages:,} messages, {ours.message_bytes / MB:,.1f} MB "
+                f"in {ours.seconds:.1f} s: {rate(ours.messages, ours.message_bytes, ours.seconds)}"
+            )
+            print(
+                f"                worker process peak RSS {ours.worker_peak_kib / 1024:.1f} MiB "
+                f"(VmHWM; sampled max {ours.worker_sampled_kib / 1024:.1f} MiB)"
+            )
+            if args.py_spy:
+                print(f"                profile of the worker: {args.py_spy}")
+                if args.py_spy.suffix not in (".svg", ".json"):
+                    summarize_profile(args.py_spy)
+            shutil.rmtree(workdir / "data" / "blobs", ignore_errors=True)  # free the disk
+
+            for index, barrier in enumerate(BARRIERS):
+                folder = workdir / f"baseline-{index}"
+                base = baseline(mbox, folder, barrier)
+                shutil.rmtree(folder, ignore_errors=True)
+                if (base.messages, base.message_bytes) != (ours.messages, ours.message_bytes):
+                    raise BenchFailed(
+                        f"the baseline read {base.messages:,} messages, {base.message_bytes:,} "
+                        f"bytes; the archive holds {ours.messages:,}, {ours.message_bytes:,}"
+                    )
+                ratio = (ours.messages / ours.seconds) / (base.messages / base.seconds)
+                print(
+                    f"mbox, baseline ({base.label}): {base.seconds:.1f} s: "
+                    f"{rate(base.messages, base.message_bytes, base.seconds)}; "
+                    f"ours / baseline {ratio:.2f}x"
+                )
+
+            if not args.no_pst:
+                pst = imports / ENRON_PST.name
+                shutil.copyfile(ENRON_PST, pst)
+                alone_count, alone_seconds = pst_read_alone(pst)
+                pst_ours = import_through_stack(stack, "pst_import", pst, alone_count)
+                files, readpst_seconds = readpst(pst, workdir)
+                print(
+                    f"enron.pst, ours: {pst_ours.messages} messages in {pst_ours.seconds:.2f} s "
+                    f"through the stack (worker start excluded); reading and rebuilding alone "
+                    f"{alone_seconds:.2f} s"
+                )
+                counts = f"{files[0]}" if len(set(files)) == 1 else f"{files} (per round!)"
+                print(
+                    f"enron.pst, readpst -e: {counts} files in {readpst_seconds:.2f} s "
+                    f"(median of {len(files)}, no fsync); ours / readpst "
+                    f"{readpst_seconds / pst_ours.seconds:.2f}x the rate"
+                )
+    except BenchFailed as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; cleaned up", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    sys.exit(main())
