@@ -115,7 +115,7 @@ class BlobStore:
 
 
 class LocalBlobStore(BlobStore):
-    """Blobs as read-only files under `root`, at `root/ab/cd/<sha256>`.
+    """Blobs as read-only files under `root`, at `root/ab/<sha256>`.
 
     A write goes to a temporary file in the blob's directory, then is renamed
     over the final name (`os.replace`). On Linux one syncfs(2) after a batch's
@@ -134,7 +134,10 @@ class LocalBlobStore(BlobStore):
     def path(self, sha256: str) -> Path:
         """Return where the blob lives (or would live)."""
         check_digest(sha256)
-        return self.root / sha256[:2] / sha256[2:4] / sha256
+        # One level of 256 folders: a second level (65,536 folders) made nearly
+        # every blob of a young archive create a folder; ext4 and XFS index
+        # large folders, so millions of blobs per folder stay fast.
+        return self.root / sha256[:2] / sha256
 
     def put(self, data: bytes) -> str:
         return self.put_many([data])[0]

@@ -166,7 +166,7 @@ def test_local_layout_and_read_only_files(tmp_path: Path) -> None:
     store = LocalBlobStore(tmp_path / "deep" / "blobs")
     data = b"layout"
     digest = store.put(data)
-    path = tmp_path / "deep" / "blobs" / digest[:2] / digest[2:4] / digest
+    path = tmp_path / "deep" / "blobs" / digest[:2] / digest
     assert store.path(digest) == path
     assert path.read_bytes() == data
     assert stat.S_IMODE(path.stat().st_mode) == 0o444
@@ -277,7 +277,7 @@ def test_blob_store_from_settings(tmp_path: Path) -> None:
     assert isinstance(store, LocalBlobStore)
     assert store.root == tmp_path / "blobs"
     digest = store.put(b"configured")
-    assert (tmp_path / "blobs" / digest[:2] / digest[2:4] / digest).is_file()
+    assert (tmp_path / "blobs" / digest[:2] / digest).is_file()
 
 
 @pytest.mark.skipif(blobstore._syncfs is None, reason="no syncfs(2) on this platform")
