@@ -56,6 +56,7 @@ from ingestion_grpc.archive.metadata import parse_metadata
 from ingestion_grpc.config import Settings
 from ingestion_grpc.db.session import Database
 from ingestion_grpc.jobs.queue import DramatiqJobQueue, redis_broker
+from ingestion_grpc.jobs.worker import worker_command
 from ingestion_grpc.providers.imap import GenericImap
 from ingestion_grpc.server import RunningServer, start_server
 from tests.support.corpora import HAM, mbox_messages
@@ -217,16 +218,7 @@ class Worker:
     def start(self, timeout: float = 60.0) -> Worker:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "dramatiq",
-                    "ingestion_grpc.jobs.actors",
-                    "--processes",
-                    "1",
-                    "--threads",
-                    "1",
-                ],
+                worker_command(threads=1),
                 env=self.environment,
                 stdin=subprocess.DEVNULL,
                 stdout=log,

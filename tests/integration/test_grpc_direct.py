@@ -3,7 +3,7 @@ authentication, permissions and errors as REST."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -19,27 +19,15 @@ from ingestion.v1 import (
     ingestion_service_pb2_grpc,
 )
 
-from ingestion_grpc.server import RunningServer
 from tests.integration.test_sources_rest import GOOGLE_CONFIG
 from tests.support.rest import Rest
 from tests.support.services import ADMIN_EMAIL, ADMIN_PASSWORD
 
 
-@pytest.fixture(params=["direct", "envoy"])
-def channel(
-    request: pytest.FixtureRequest, grpc_server: RunningServer, rest_url: str
-) -> Iterator[grpc.Channel]:
-    target = (
-        f"127.0.0.1:{grpc_server.port}"
-        if request.param == "direct"
-        else rest_url.removeprefix("http://")
-    )
-    with grpc.insecure_channel(target) as channel:
-        yield channel
-
-
-def _token(channel: grpc.Channel, email: str = ADMIN_EMAIL, password: str = ADMIN_PASSWORD) -> str:
-    response = auth_service_pb2_grpc.AuthServiceStub(channel).Login(
+def _token(
+    grpc_channel: grpc.Channel, email: str = ADMIN_EMAIL, password: str = ADMIN_PASSWORD
+) -> str:
+    response = auth_service_pb2_grpc.AuthServiceStub(grpc_channel).Login(
         auth_service_pb2.LoginRequest(email=email, password=password)
     )
     return response.access_token
@@ -55,9 +43,9 @@ def _create_request(
     )
 
 
-def test_create_get_list_over_grpc(channel: grpc.Channel) -> None:
-    stub = ingestion_service_pb2_grpc.IngestionServiceStub(channel)
-    metadata = (("authorization", f"Bearer {_token(channel)}"),)
+def test_create_get_list_over_grpc(grpc_channel: grpc.Channel) -> None:
+    stub = ingestion_service_pb2_grpc.IngestionServiceStub(grpc_channel)
+    metadata = (("authorization", f"Bearer {_token(grpc_channel)}"),)
     created = stub.CreateIngestionSource(_create_request(), metadata=metadata)
     assert created.status == "importing"
     got = stub.GetIngestionSource(
@@ -72,8 +60,8 @@ def test_create_get_list_over_grpc(channel: grpc.Channel) -> None:
     assert created.id in {s.id for s in listed}
 
 
-def test_unauthenticated_and_bad_token_over_grpc(channel: grpc.Channel) -> None:
-    stub = ingestion_service_pb2_grpc.IngestionServiceStub(channel)
+def test_unauthenticated_and_bad_token_over_grpc(grpc_channel: grpc.Channel) -> None:
+    stub = ingestion_service_pb2_grpc.IngestionServiceStub(grpc_channel)
     for metadata in [(), (("authorization", "Bearer nope"),), (("x-api-key", "ik_nope"),)]:
         with pytest.raises(grpc.RpcError) as raised:
             list(
@@ -85,10 +73,10 @@ def test_unauthenticated_and_bad_token_over_grpc(channel: grpc.Channel) -> None:
 
 
 def test_missing_permission_over_grpc(
-    channel: grpc.Channel, make_client: Callable[[str], Rest]
+    grpc_channel: grpc.Channel, make_client: Callable[[str], Rest]
 ) -> None:
     viewer = make_client("viewer")
-    stub = ingestion_service_pb2_grpc.IngestionServiceStub(channel)
+    stub = ingestion_service_pb2_grpc.IngestionServiceStub(grpc_channel)
     with pytest.raises(grpc.RpcError) as raised:
         stub.CreateIngestionSource(
             _create_request(), metadata=(("authorization", f"Bearer {viewer.token}"),)
@@ -97,13 +85,13 @@ def test_missing_permission_over_grpc(
     assert "create:ingestion" in raised.value.details()
 
 
-def test_invalid_argument_carries_bad_request_details(channel: grpc.Channel) -> None:
-    stub = ingestion_service_pb2_grpc.IngestionServiceStub(channel)
+def test_invalid_argument_carries_bad_request_details(grpc_channel: grpc.Channel) -> None:
+    stub = ingestion_service_pb2_grpc.IngestionServiceStub(grpc_channel)
     request = _create_request()
     request.provider_config.fields.pop("impersonatedAdminEmail")
     with pytest.raises(grpc.RpcError) as raised:
         stub.CreateIngestionSource(
-            request, metadata=(("authorization", f"Bearer {_token(channel)}"),)
+            request, metadata=(("authorization", f"Bearer {_token(grpc_channel)}"),)
         )
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     status = rpc_status.from_call(raised.value)
@@ -113,10 +101,10 @@ def test_invalid_argument_carries_bad_request_details(channel: grpc.Channel) -> 
     assert detail.field_violations[0].field == "providerConfig.impersonatedAdminEmail"
 
 
-def test_health_and_reflection_are_open(channel: grpc.Channel) -> None:
-    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+def test_health_and_reflection_are_open(grpc_channel: grpc.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(grpc_channel).Check(health_pb2.HealthCheckRequest())
     assert health.status == health_pb2.HealthCheckResponse.SERVING
-    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    reflection = reflection_pb2_grpc.ServerReflectionStub(grpc_channel)
     responses = reflection.ServerReflectionInfo(
         iter([reflection_pb2.ServerReflectionRequest(list_services="")])
     )
@@ -136,7 +124,7 @@ def test_healthz_through_envoy(rest_url: str) -> None:
     assert requests.get(f"{rest_url}/healthz", timeout=10).status_code == 200
 
 
-def test_every_rpc_over_grpc(channel: grpc.Channel, admin: Rest) -> None:
+def test_every_rpc_over_grpc(grpc_channel: grpc.Channel, admin: Rest) -> None:
     from google.protobuf import empty_pb2
     from ingestion.v1 import (
         archive_service_pb2,
@@ -145,11 +133,11 @@ def test_every_rpc_over_grpc(channel: grpc.Channel, admin: Rest) -> None:
         settings_service_pb2_grpc,
     )
 
-    auth = (("authorization", f"Bearer {_token(channel)}"),)
-    sources = ingestion_service_pb2_grpc.IngestionServiceStub(channel)
-    settings = settings_service_pb2_grpc.SettingsServiceStub(channel)
-    keys = auth_service_pb2_grpc.ApiKeyServiceStub(channel)
-    archive = archive_service_pb2_grpc.ArchiveServiceStub(channel)
+    auth = (("authorization", f"Bearer {_token(grpc_channel)}"),)
+    sources = ingestion_service_pb2_grpc.IngestionServiceStub(grpc_channel)
+    settings = settings_service_pb2_grpc.SettingsServiceStub(grpc_channel)
+    keys = auth_service_pb2_grpc.ApiKeyServiceStub(grpc_channel)
+    archive = archive_service_pb2_grpc.ArchiveServiceStub(grpc_channel)
 
     created = sources.CreateIngestionSource(_create_request("every rpc"), metadata=auth)
     source_id = created.id

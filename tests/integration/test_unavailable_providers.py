@@ -32,8 +32,9 @@ def test_run_of_a_config_only_provider_ends_in_error(
         what="the run to end",
     )
     assert done["status"] == "error"
-    assert f"importing from {name} is not available in this version yet" in (
-        done["lastSyncStatusMessage"]
+    assert (
+        f"importing from {name} is not available in this version yet"
+        in (done["lastSyncStatusMessage"])
     )
     run = user.get(f"/v1/ingestion-sources/{source['id']}/sync-sessions").json()
     assert run["syncSessions"][0]["status"] == "failed"

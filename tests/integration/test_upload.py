@@ -113,19 +113,6 @@ def test_upload_with_an_api_key(admin: Rest, settings: Settings) -> None:
 # -- native gRPC, direct and through Envoy -------------------------------------------------
 
 
-@pytest.fixture(params=["direct", "envoy"])
-def channel(
-    request: pytest.FixtureRequest, grpc_server: RunningServer, rest_url: str
-) -> Iterator[grpc.Channel]:
-    target = (
-        f"127.0.0.1:{grpc_server.port}"
-        if request.param == "direct"
-        else rest_url.removeprefix("http://")
-    )
-    with grpc.insecure_channel(target) as channel:
-        yield channel
-
-
 def bodies(data: bytes, size: int = MIB) -> Iterator[httpbody_pb2.HttpBody]:
     yield httpbody_pb2.HttpBody(content_type="application/vnd.ms-outlook", data=data[:size])
     for start in range(size, len(data), size):
@@ -133,9 +120,9 @@ def bodies(data: bytes, size: int = MIB) -> Iterator[httpbody_pb2.HttpBody]:
 
 
 def test_native_grpc_client_streaming(
-    channel: grpc.Channel, admin: Rest, settings: Settings
+    grpc_channel: grpc.Channel, admin: Rest, settings: Settings
 ) -> None:
-    stub = upload_service_pb2_grpc.UploadServiceStub(channel)
+    stub = upload_service_pb2_grpc.UploadServiceStub(grpc_channel)
     metadata = (("authorization", f"Bearer {admin.token}"),)
     data = os.urandom(3 * MIB + 7)
     # Pieces of the full 4 MiB gRPC clients may send, then small ones.
@@ -148,8 +135,10 @@ def test_native_grpc_client_streaming(
         assert ("x-http-code", "201") in call.initial_metadata()
 
 
-def test_native_grpc_refusals(channel: grpc.Channel, make_client: Callable[[str], Rest]) -> None:
-    stub = upload_service_pb2_grpc.UploadServiceStub(channel)
+def test_native_grpc_refusals(
+    grpc_channel: grpc.Channel, make_client: Callable[[str], Rest]
+) -> None:
+    stub = upload_service_pb2_grpc.UploadServiceStub(grpc_channel)
     with pytest.raises(grpc.RpcError) as raised:
         stub.UploadFile(bodies(b"x" * 1000))
     assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED

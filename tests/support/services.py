@@ -8,6 +8,7 @@ import secrets
 import uuid
 from collections.abc import Callable, Iterator
 
+import grpc
 import psycopg
 import pytest
 import redis
@@ -116,3 +117,17 @@ def make_client(grpc_server: RunningServer, rest_url: str) -> Callable[[str], Re
         return client
 
     return make
+
+
+@pytest.fixture(params=["direct", "envoy"])
+def grpc_channel(
+    request: pytest.FixtureRequest, grpc_server: RunningServer, rest_url: str
+) -> Iterator[grpc.Channel]:
+    """A native gRPC channel, to the server's own port and through Envoy."""
+    target = (
+        f"127.0.0.1:{grpc_server.port}"
+        if request.param == "direct"
+        else rest_url.removeprefix("http://")
+    )
+    with grpc.insecure_channel(target) as channel:
+        yield channel

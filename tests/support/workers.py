@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 from ingestion_grpc.config import Settings
 from ingestion_grpc.engine.context import EngineContext
 from ingestion_grpc.jobs.queue import DramatiqJobQueue, redis_broker
+from ingestion_grpc.jobs.worker import worker_command
 
 
 class Worker:
@@ -28,16 +28,7 @@ class Worker:
     def start(self) -> Worker:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "dramatiq",
-                    "ingestion_grpc.jobs.actors",
-                    "--processes",
-                    "1",
-                    "--threads",
-                    "2",
-                ],
+                worker_command(threads=2),
                 env=self._environment,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
