@@ -315,7 +315,7 @@ STEPS: list[tuple[str, tuple[str, ...]]] = [
     ("catalog INSERT: psycopg query conversion", ("record_batch", "_convert_query")),
     ("catalog INSERT: waiting for PostgreSQL", ("record_batch", "Connection.wait")),
     ("catalog INSERT: SQLAlchemy compile and rows", ("record_batch",)),
-    ("lease, cursor, counters, COMMIT", ("_record",)),
+    ("lease, cursor, counters, COMMIT", ("_advance",)),
     ("lease, cursor, counters, COMMIT", ("UnitOfWork.commit",)),
 ]
 

@@ -56,7 +56,7 @@ from ingestion_grpc.archive.metadata import parse_metadata
 from ingestion_grpc.config import Settings
 from ingestion_grpc.db.session import Database
 from ingestion_grpc.jobs.queue import DramatiqJobQueue, redis_broker
-from ingestion_grpc.jobs.worker import worker_command
+from ingestion_grpc.jobs.worker import worker_command, worker_environment
 from ingestion_grpc.providers.imap import GenericImap
 from ingestion_grpc.server import RunningServer, start_server
 from tests.support.corpora import HAM, mbox_messages
@@ -208,7 +208,9 @@ class Worker:
     memory is what we report (the parent only supervises and relays logs)."""
 
     def __init__(self, environment: dict[str, str], log_path: Path) -> None:
-        self.environment = {**os.environ, **environment, "PYTHONUNBUFFERED": "1"}
+        self.environment = worker_environment(
+            {**os.environ, **environment, "PYTHONUNBUFFERED": "1"}
+        )
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
         self.peak_sampled_kib = 0
@@ -702,7 +704,6 @@ def main(argv: list[str] | None = None) -> int:
                         print_phases(
                             measure_phases(stack, dovecot, email, result.source_id, secure=secure)
                         )
-                    _remove_round_files(workdir, email)
                     rounds.append((result, mirror))
                 if len(rounds) > 1:
                     print_medians(rounds)
@@ -717,16 +718,12 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; cleaned up", file=sys.stderr)
         return 130
     if not args.keep:
+        # Only now: on ext4 without a journal (this machine's), creating files near
+        # thousands deleted in the last five minutes costs up to 0.7 ms of kernel
+        # time each, so deleting a round's files would slow the next round (see
+        # docs/benchmarks.md).
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
-
-
-def _remove_round_files(workdir: Path, email: str) -> None:
-    """A round's blobs and Maildir are not needed again: free the disk (and let the
-    next round start from the same state); its logs stay."""
-    name = email.split("@")[0]
-    for directory in (f"data-{name}", f"mbsync-{name}", f"phase-blobs-{name}"):
-        shutil.rmtree(workdir / directory, ignore_errors=True)
 
 
 def _print_rss_comparison(results: list[list[ImportResult]]) -> None:

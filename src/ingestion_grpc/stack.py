@@ -28,7 +28,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from ingestion_grpc.envoy_config import envoy_command, render_envoy_config
-from ingestion_grpc.jobs.worker import worker_command
+from ingestion_grpc.jobs.worker import worker_command, worker_environment
 
 if TYPE_CHECKING:
     from pgserver.postgres_server import PostgresServer
@@ -284,7 +284,7 @@ def run_stack(environ: Mapping[str, str] = os.environ) -> int:
             python = sys.executable
             children = [
                 Child("gRPC server", [python, "-m", "ingestion_grpc.server"], env),
-                Child("worker", worker_command(threads=4), env),
+                Child("worker", worker_command(threads=4), worker_environment(env)),
                 Child("scheduler", [python, "-m", "ingestion_grpc.engine.scheduler"], env),
                 Child("envoy", envoy_command(envoy_config), env),
             ]

@@ -14,14 +14,16 @@ import pytest
 from ingestion_grpc.config import Settings
 from ingestion_grpc.engine.context import EngineContext
 from ingestion_grpc.jobs.queue import DramatiqJobQueue, redis_broker
-from ingestion_grpc.jobs.worker import worker_command
+from ingestion_grpc.jobs.worker import worker_command, worker_environment
 
 
 class Worker:
     """`python -m dramatiq ingestion_grpc.jobs.actors` in its own process group."""
 
     def __init__(self, environment: dict[str, str], log_path: Path) -> None:
-        self._environment = {**os.environ, **environment, "PYTHONUNBUFFERED": "1"}
+        self._environment = worker_environment(
+            {**os.environ, **environment, "PYTHONUNBUFFERED": "1"}
+        )
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
 

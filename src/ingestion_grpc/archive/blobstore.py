@@ -15,13 +15,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import itertools
 import logging
 import os
 import re
 import sys
-import tempfile
+import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
@@ -31,13 +32,19 @@ log = logging.getLogger(__name__)
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
-# Files written and fsync'd per round of `LocalBlobStore.put_many`: bounds the open
-# file descriptors (the default soft limit is often 1,024).
-_CHUNK = 256
-# fsync calls in flight at once: the filesystem journal groups concurrent ones.
-_SYNC_THREADS = 16
+# Blob files written at once by `LocalBlobStore.put_many`. Creating a file waits on
+# the file system (allocating its inode took 0.3 to 0.7 ms on the virtual disk of
+# docs/benchmarks.md); several writers overlap those waits, and an fsync'ing store
+# (no syncfs) lets the journal group their fsyncs.
+_WRITERS = 4
+
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+
+# Numbers temporary file names in this process (next() is atomic in CPython).
+_temporary_numbers = itertools.count()
 
 _T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 class BlobNotFound(NotFound):
@@ -130,6 +137,11 @@ class LocalBlobStore(BlobStore):
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._root_ready = False
+        # Folders known to exist: blob folders are never removed, so each is
+        # made (and looked for) once per process rather than once per blob.
+        self._folders: set[Path] = set()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     def path(self, sha256: str) -> Path:
         """Return where the blob lives (or would live)."""
@@ -143,36 +155,32 @@ class LocalBlobStore(BlobStore):
         return self.put_many([data])[0]
 
     def put_many(self, blobs: list[bytes]) -> list[str]:
-        """Store a batch: write every new file, rename them, then make the batch
-        durable at once (syncfs, or fsyncs of the files and their directories)."""
+        """Store a batch: write every new file (several at a time), then make the
+        batch durable at once (syncfs, or fsyncs of the files and their directories)."""
         self._ensure_root()
         names = [sha256_hex(data) for data in blobs]
-        to_write: dict[str, bytes] = {}
-        dirs: dict[Path, None] = {}  # an ordered set
-        for name, data in zip(names, blobs, strict=True):
-            if name in to_write:
-                continue
+        fsync_files = _syncfs is None
+
+        def store(item: tuple[str, bytes]) -> list[Path]:
+            name, data = item
             final = self.path(name)
-            for created in self._make_parents(final):
-                dirs[created.parent] = None
-            # The blob's directory is fsync'd even when nothing is written: a
-            # writer that crashed after its rename may have left the entry in
-            # memory only.
-            dirs[final.parent] = None
+            created = self._make_parents(final)
             if not self._holds(final, len(data)):
-                to_write[name] = data
-        items = list(to_write.items())
-        if _syncfs is not None:
+                _write_file(final, data, fsync=fsync_files)
+            return created
+
+        created = self._run_all(store, dict(zip(names, blobs, strict=True)).items())
+        if not fsync_files:
             # One barrier for the whole batch: syncfs(2) returns once every
             # file, rename and directory of this file system is on disk, which
             # costs a fraction of an fsync per file plus one per directory.
-            for start in range(0, len(items), _CHUNK):
-                self._write_chunk(items[start : start + _CHUNK], fsync_files=False)
             _sync_file_system(self.root)
             return names
-        for start in range(0, len(items), _CHUNK):
-            self._write_chunk(items[start : start + _CHUNK], fsync_files=True)
-        _in_parallel(_fsync_dir, dirs)
+        # The blob's directory is fsync'd even when nothing was written: a writer
+        # that crashed after its rename may have left the entry in memory only.
+        dirs = dict.fromkeys(self.path(name).parent for name in names)  # an ordered set
+        dirs.update(dict.fromkeys(folder.parent for folders in created for folder in folders))
+        self._run_all(_fsync_dir, dirs)
         return names
 
     def open(self, sha256: str) -> BinaryIO:
@@ -209,19 +217,23 @@ class LocalBlobStore(BlobStore):
         self._root_ready = True
 
     def _make_parents(self, final: Path) -> list[Path]:
-        """Create the blob's two directory levels; return those this call created.
+        """Create the blob's folder if needed; return the folders this call created.
 
-        A directory found in place was synced by the writer that created it (a
+        A folder found in place was synced by the writer that created it (a
         writer that crashed first left an entry that the journal commits with
         the next fsync on ext4 and XFS).
         """
+        folder = final.parent
+        if folder in self._folders:
+            return []
         created = []
-        for directory in (final.parent.parent, final.parent):
-            try:
-                directory.mkdir()
-            except FileExistsError:
-                continue
-            created.append(directory)
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            pass
+        else:
+            created.append(folder)
+        self._folders.add(folder)
         return created
 
     def _holds(self, final: Path, size: int) -> bool:
@@ -236,34 +248,34 @@ class LocalBlobStore(BlobStore):
             return False
         return True
 
-    def _write_chunk(self, items: list[tuple[str, bytes]], *, fsync_files: bool) -> None:
-        fds: list[int] = []
-        temps: list[tuple[str, Path]] = []  # (temporary path, final path)
-        renamed = 0
+    def _run_all(self, func: Callable[[_T], _R], args: Iterable[_T]) -> list[_R]:
+        """`func` of every argument, several at once; raise the first error, but
+        only once every call has ended (none is left writing after a failure)."""
+        todo = list(args)
+        if len(todo) <= 2:  # not worth a thread hop
+            return [func(arg) for arg in todo]
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(_WRITERS, thread_name_prefix="blob-writer")
+        futures = [self._pool.submit(func, arg) for arg in todo]
+        wait(futures)
+        return [future.result() for future in futures]
+
+
+def _write_file(final: Path, data: bytes, *, fsync: bool) -> None:
+    """Write `data` to a temporary file beside `final`, then rename it over `final`."""
+    fd, tmp = _create_temporary(final)
+    try:
         try:
-            try:
-                for name, data in items:
-                    final = self.path(name)
-                    fd, tmp = tempfile.mkstemp(
-                        dir=final.parent, prefix=f".{name[:16]}.", suffix=".tmp"
-                    )
-                    fds.append(fd)
-                    temps.append((tmp, final))
-                    _write_all(fd, data)
-                    os.fchmod(fd, 0o444)
-                if fsync_files:
-                    _in_parallel(os.fsync, fds)
-            finally:
-                for fd in fds:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-            for tmp, final in temps:
-                os.replace(tmp, final)
-                renamed += 1
-        except BaseException:
-            for tmp, _ in temps[renamed:]:
-                _unlink_quietly(tmp)
-            raise
+            _write_all(fd, data)
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
 
 
 def _load_syncfs() -> Callable[[int], int] | None:
@@ -303,6 +315,21 @@ def blob_store_from_settings(data_dir: Path) -> BlobStore:
     return LocalBlobStore(Path(data_dir) / "blobs")
 
 
+def _create_temporary(final: Path) -> tuple[int, str]:
+    """Create a new, uniquely named, read-only file beside `final`; open it for writing.
+
+    Created with its final mode (the mode applies to later opens, not this one),
+    which saves an fchmod per blob; O_EXCL makes a name clash an error, not a
+    shared file.
+    """
+    while True:
+        tmp = str(final.parent / f".{final.name[:16]}.{os.getpid()}-{next(_temporary_numbers)}.tmp")
+        try:
+            return os.open(tmp, _CREATE_FLAGS, 0o444), tmp
+        except FileExistsError:  # left by a crashed process that had our pid
+            continue
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -316,18 +343,6 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _in_parallel(func: Callable[[_T], object], args: Iterable[_T]) -> None:
-    """Call `func` on every argument, several at once; re-raise the first error."""
-    todo = list(args)
-    if len(todo) <= 2:  # not worth a thread pool
-        for arg in todo:
-            func(arg)
-        return
-    with ThreadPoolExecutor(max_workers=min(_SYNC_THREADS, len(todo))) as pool:
-        for _ in pool.map(func, todo):
-            pass
 
 
 def _unlink_quietly(path: str) -> None:

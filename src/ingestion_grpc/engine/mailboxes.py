@@ -1,10 +1,11 @@
 """One mailbox of a run: fetch, store the bytes, record them, move the cursor.
 
-Order per batch, and why:
-  1. blobs written and fsync'd        (bytes durable before anything refers to them)
-  2. one transaction: metadata rows, the new cursor, the run's counters, the
-     heartbeat, and a check that this worker still holds the mailbox's lease
-So the cursor never moves past a message that is not durably archived, and a
+Per batch, one transaction: the metadata rows, then (once the batch's blobs are
+durable) a check that this worker still holds the mailbox's lease, the new cursor,
+the run's counters and the heartbeat, then COMMIT. The blobs are written in a
+thread while the rows are inserted, and the next batch is read from the provider
+while this one is stored (`read_ahead`), but nothing commits before its bytes are
+durable: the cursor never moves past a message that is not durably archived, and a
 worker killed at any point leaves a cursor from which the next one resumes.
 """
 
@@ -12,12 +13,14 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from sqlalchemy import Update, select, update
 from sqlalchemy.dialects.postgresql import insert
 
-from ingestion_grpc.archive.catalog import record_batch
+from ingestion_grpc.archive.blobstore import sha256_hex
+from ingestion_grpc.archive.catalog import BatchOutcome, record_batch
 from ingestion_grpc.db.models import (
     IngestionSource,
     MailboxCursor,
@@ -28,6 +31,7 @@ from ingestion_grpc.db.models import (
 from ingestion_grpc.db.session import UnitOfWork
 from ingestion_grpc.domain.states import RUN_STATUS, RunKind
 from ingestion_grpc.engine.context import EngineContext
+from ingestion_grpc.engine.read_ahead import ReadAhead
 from ingestion_grpc.engine.runs import MailboxState, RunState, finish_if_complete, now
 from ingestion_grpc.errors import IngestionError, ProviderAuthError, ProviderDataError
 from ingestion_grpc.providers.base import Batch, JsonDict, Provider
@@ -122,12 +126,19 @@ def _claim(
 
 def _ingest(ctx: EngineContext, claim: Claim, provider: Provider, cursor: JsonDict | None) -> None:
     started = time.monotonic()
-    batches = provider.fetch(claim.mailbox, cursor)
-    try:
+    reader = ReadAhead(provider.fetch(claim.mailbox, cursor), name=f"read {claim.mailbox}")
+    with reader as batches, ThreadPoolExecutor(1, thread_name_prefix="blobs") as blob_writer:
         for batch in batches:
-            digests = ctx.blobs.put_many([m.raw for m in batch.messages])
+            raws = [m.raw for m in batch.messages]
+            blobs_stored = blob_writer.submit(ctx.blobs.put_many, raws)
             with ctx.database.unit_of_work() as uow:
-                source_status = _record(uow, claim, batch, digests)
+                # The rows are written while the blobs are, but committed only
+                # once every blob is durable.
+                outcome = record_batch(
+                    uow, claim.source_id, claim.mailbox, batch.messages, _digests(raws)
+                )
+                blobs_stored.result()
+                source_status = _advance(uow, claim, batch, outcome)
                 if source_status != RUN_STATUS[claim.kind]:
                     # Paused (or deleted): this batch is saved; stop here.
                     _release_in(uow, claim, pause_run=True)
@@ -139,12 +150,20 @@ def _ingest(ctx: EngineContext, claim: Claim, provider: Provider, cursor: JsonDi
                     uow.commit()
                     raise Released
                 uow.commit()
-    finally:
-        batches.close()  # type: ignore[attr-defined]
 
 
-def _record(uow: UnitOfWork, claim: Claim, batch: Batch, digests: list[str]) -> str | None:
-    """Write one batch's rows, cursor and counters; the source's status after."""
+def _digests(raws: list[bytes]) -> list[str]:
+    # The blob store names blobs the same way; computing the names here lets the
+    # rows be written before the blobs are.
+    return [sha256_hex(raw) for raw in raws]
+
+
+def _advance(uow: UnitOfWork, claim: Claim, batch: Batch, outcome: BatchOutcome) -> str | None:
+    """Move the cursor and the counters past a recorded batch; the source's status after.
+
+    Done last in the transaction: these rows are shared with the scheduler and
+    the API, so they stay locked only for the moment before COMMIT.
+    """
     still_ours = uow.session.execute(
         _held(claim)
         .where(RunMailbox.state == MailboxState.RUNNING)
@@ -154,7 +173,6 @@ def _record(uow: UnitOfWork, claim: Claim, batch: Batch, digests: list[str]) -> 
     if still_ours is None:
         log.warning("lost the lease on mailbox %s of run %s", claim.mailbox, claim.run_id)
         raise Released
-    outcome = record_batch(uow, claim.source_id, claim.mailbox, batch.messages, digests)
     uow.session.execute(
         insert(MailboxCursor)
         .values(source_id=claim.source_id, mailbox=claim.mailbox, cursor=batch.cursor)
