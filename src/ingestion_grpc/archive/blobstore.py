@@ -32,11 +32,13 @@ log = logging.getLogger(__name__)
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
-# Blob files written at once by `LocalBlobStore.put_many`. Creating a file waits on
-# the file system (allocating its inode took 0.3 to 0.7 ms on the virtual disk of
-# docs/benchmarks.md); several writers overlap those waits, and an fsync'ing store
-# (no syncfs) lets the journal group their fsyncs.
-_WRITERS = 4
+# Blob files written at once by `LocalBlobStore.put_many`. Creating a file can keep
+# the kernel busy (0.3 to 0.7 ms each next to recently deleted files on ext4
+# without a journal, see docs/benchmarks.md), and an fsync'ing store (no syncfs)
+# waits on every file: two writers overlap that. More measured no faster: each
+# system call hands Python's GIL back and forth with the IMAP reader and the
+# catalog insert.
+_WRITERS = 2
 
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 

@@ -3,10 +3,10 @@
 Per folder: EXAMINE (read-only, so nothing is marked \\Seen), compare UIDVALIDITY with
 the cursor (a new value means the folder is read again from its first message: the
 archive drops the repeats by content), find the UIDs after the cursor's `lastUid`
-with UID SEARCH in bounded UID windows, and fetch `BODY.PEEK[]` for up to
-BATCH_MESSAGES messages / BATCH_BYTES bytes per batch. Each batch carries the cursor
-that is true once it and every earlier batch are archived (cursor shape in
-`imap_folders`).
+with UID SEARCH in bounded UID windows, ask their sizes (SIZES_PER_FETCH at a time),
+and fetch `BODY.PEEK[]` for up to BATCH_MESSAGES messages / BATCH_BYTES bytes per
+batch. Each batch carries the cursor that is true once it and every earlier batch
+are archived (cursor shape in `imap_folders`).
 
 A dropped connection (or a command the server refuses) costs one of a few reconnect
 attempts, after which the folder continues right after the last UID handed out;
@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 BATCH_MESSAGES = 500
 BATCH_BYTES = 25 * 1024 * 1024
+# Messages whose sizes one UID FETCH asks for: a round trip per 5,000, not per batch.
+SIZES_PER_FETCH = 5_000
 # UIDs per UID SEARCH window. The window widens across gaps in the UIDs, up to
 # SEARCH_SPAN_MAX: the reply (one line) must stay under imaplib's 1,000,000-byte limit.
 SEARCH_SPAN = 5_000
@@ -176,12 +178,14 @@ def _folder_batches(
     if opened.exists == 0:
         return
     for uids in _uids_after(client, last_uid, opened.uidnext):
-        for group in _chunks(uids, BATCH_MESSAGES):
-            for part in _split_by_size(group, _sizes(client, group)):
-                messages = _bodies(client, folder, opened.uidvalidity, part)
-                state[folder.name] = FolderState(opened.uidvalidity, part[-1])
-                if messages:
-                    yield Batch(messages, cursor_json(state))
+        for window in _chunks(uids, SIZES_PER_FETCH):
+            sizes = _sizes(client, window)
+            for group in _chunks(window, BATCH_MESSAGES):
+                for part in _split_by_size(group, sizes):
+                    messages = _bodies(client, folder, opened.uidvalidity, part)
+                    state[folder.name] = FolderState(opened.uidvalidity, part[-1])
+                    if messages:
+                        yield Batch(messages, cursor_json(state))
 
 
 @dataclass(frozen=True)
@@ -391,6 +395,9 @@ class _Session:
                 raise _NotConnected(str(exc)) from exc
             # Folder names stay as the server sent them (see imap_folders.Folder.wire).
             client.folder_encode = False
+            # IMAPClient has imaplib trace every line it reads to a DEBUG logger:
+            # a call per line of every message, for logs nobody may keep.
+            client._imap.debug = 0
             self._client = client
             self._ever_connected = True
         return self._client
