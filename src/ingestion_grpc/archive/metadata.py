@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import binascii
 import email.utils
+import itertools
 import logging
 import re
 from collections.abc import Iterator
@@ -159,7 +160,7 @@ def _read_headers(raw: bytes, start: int, end: int, limit: int) -> tuple[Headers
     headers: list[tuple[str, list[bytes]]] = []
     pos = start
     stop = min(end, start + limit)
-    # One C-speed split of the block instead of a regex match per line.
+    # One C-speed split of the block instead of a regular expression per line.
     for line in raw[start : _block_end(raw, start, stop)].splitlines(keepends=True):
         content = line.rstrip(b"\r\n")  # a line holds one line break at most
         next_pos = pos + len(line)
@@ -187,9 +188,12 @@ def _block_end(raw: bytes, start: int, stop: int) -> int:
 
     Two line breaks in a row ("\r\n", "\r" and "\n" all break a line) always
     show one of "\n\n", "\n\r" or "\r\r" where they meet; the third byte
-    after it completes a "\r\n" that may follow.
+    after it completes a "\r\n" that may follow. The usual "\r\n\r\n" is
+    looked for first, to bound the other searches to the header block.
     """
-    found = [i for i in (raw.find(pair, start, stop) for pair in _BREAK_PAIRS) if i >= 0]
+    usual = raw.find(b"\r\n\r\n", start, stop)
+    bound = stop if usual < 0 else usual + 4
+    found = [i for i in (raw.find(pair, start, bound) for pair in _BREAK_PAIRS) if i >= 0]
     return min(min(found) + 3, stop) if found else stop
 
 
@@ -377,8 +381,8 @@ def _sent_at(values: list[bytes]) -> datetime | None:
     """The first readable date among the Date headers, in UTC."""
     for value in values:
         text = _latin1(value[:1_000]).replace("\x00", "")
-        candidates = [text, *(m.group(0) for m in _EMBEDDED_DATE.finditer(text))]
-        for candidate in candidates:
+        embedded = (m.group(0) for m in _EMBEDDED_DATE.finditer(text))
+        for candidate in itertools.chain((text,), embedded):
             when = _to_datetime(candidate)
             if when is not None:
                 return when

@@ -161,7 +161,7 @@ def test_no_headers(raw: bytes) -> None:
     assert meta.size_bytes == len(raw)
 
 
-@pytest.mark.parametrize("eol", [b"\n", b"\r\n"], ids=["LF", "CRLF"])
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"], ids=["LF", "CRLF", "CR"])
 def test_line_endings_and_folding(eol: bytes) -> None:
     raw = eol.join(
         [
@@ -186,6 +186,22 @@ def test_line_endings_and_folding(eol: bytes) -> None:
     assert meta.subject == "a folded subject"
     assert meta.message_id == "<folded@example.com>"
     assert meta.sent_at == datetime(2002, 8, 22, 11, 26, 25, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("raw", "subject"),
+    [
+        (b"Subject: one\r\n\n continued?\r\n", "one"),
+        (b"Subject: two\n\r\n continued?\n", "two"),
+        (b"Subject: three\r\r\n continued?\r", "three"),
+        (b"Subject: four\r\n\r\n\tcontinued?", "four"),
+        (b"Subject: five\r\n continued\r\n\r\n", "five continued"),
+    ],
+)
+def test_the_header_block_ends_at_the_first_empty_line(raw: bytes, subject: str) -> None:
+    """Whatever the mix of line breaks, a body line that starts with white space
+    does not continue the last header."""
+    assert parse_metadata(raw).subject == subject
 
 
 def test_mbox_from_line_is_skipped() -> None:
