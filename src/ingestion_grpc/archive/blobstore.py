@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import itertools
 import logging
@@ -138,10 +139,11 @@ class LocalBlobStore(BlobStore):
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._root = os.fspath(self.root)
         self._root_ready = False
         # Folders known to exist: blob folders are never removed, so each is
         # made (and looked for) once per process rather than once per blob.
-        self._folders: set[Path] = set()
+        self._folders: set[str] = set()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 
@@ -162,16 +164,10 @@ class LocalBlobStore(BlobStore):
         self._ensure_root()
         names = [sha256_hex(data) for data in blobs]
         fsync_files = _syncfs is None
-
-        def store(item: tuple[str, bytes]) -> list[Path]:
-            name, data = item
-            final = self.path(name)
-            created = self._make_parents(final)
-            if not self._holds(final, len(data)):
-                _write_file(final, data, fsync=fsync_files)
-            return created
-
-        created = self._run_all(store, dict(zip(names, blobs, strict=True)).items())
+        unique = list(dict(zip(names, blobs, strict=True)).items())
+        created = self._run_all(
+            functools.partial(self._store_all, fsync=fsync_files), _slices(unique, _WRITERS)
+        )
         if not fsync_files:
             # One barrier for the whole batch: syncfs(2) returns once every
             # file, rename and directory of this file system is on disk, which
@@ -180,8 +176,8 @@ class LocalBlobStore(BlobStore):
             return names
         # The blob's directory is fsync'd even when nothing was written: a writer
         # that crashed after its rename may have left the entry in memory only.
-        dirs = dict.fromkeys(self.path(name).parent for name in names)  # an ordered set
-        dirs.update(dict.fromkeys(folder.parent for folders in created for folder in folders))
+        dirs = dict.fromkeys(self._folder(name) for name in names)  # an ordered set
+        dirs.update(dict.fromkeys(os.path.dirname(f) for folders in created for f in folders))
         self._run_all(_fsync_dir, dirs)
         return names
 
@@ -218,37 +214,30 @@ class LocalBlobStore(BlobStore):
             _fsync_dir(created.parent)
         self._root_ready = True
 
-    def _make_parents(self, final: Path) -> list[Path]:
-        """Create the blob's folder if needed; return the folders this call created.
+    def _folder(self, name: str) -> str:
+        """`path(name).parent` as a string, for a name this store computed (the
+        hot path of put_many: pathlib and the digest check cost more than the
+        system calls)."""
+        return f"{self._root}/{name[:2]}"
+
+    def _store_all(self, items: list[tuple[str, bytes]], *, fsync: bool) -> list[str]:
+        """Write the blobs not stored yet; return the folders this call created.
 
         A folder found in place was synced by the writer that created it (a
         writer that crashed first left an entry that the journal commits with
         the next fsync on ext4 and XFS).
         """
-        folder = final.parent
-        if folder in self._folders:
-            return []
         created = []
-        try:
-            folder.mkdir()
-        except FileExistsError:
-            pass
-        else:
-            created.append(folder)
-        self._folders.add(folder)
+        for name, data in items:
+            folder = self._folder(name)
+            if folder not in self._folders:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(folder)
+                    created.append(folder)
+                self._folders.add(folder)
+            if not _holds(folder, name, len(data)):
+                _write_file(folder, name, data, fsync=fsync)
         return created
-
-    def _holds(self, final: Path, size: int) -> bool:
-        """Whether `final` already holds the blob (a name is its content; the
-        size check catches a file damaged outside this code)."""
-        try:
-            found = final.stat().st_size
-        except FileNotFoundError:
-            return False
-        if found != size:
-            log.warning("blob %s has %d bytes, expected %d: rewriting it", final.name, found, size)
-            return False
-        return True
 
     def _run_all(self, func: Callable[[_T], _R], args: Iterable[_T]) -> list[_R]:
         """`func` of every argument, several at once; raise the first error, but
@@ -264,9 +253,22 @@ class LocalBlobStore(BlobStore):
         return [future.result() for future in futures]
 
 
-def _write_file(final: Path, data: bytes, *, fsync: bool) -> None:
-    """Write `data` to a temporary file beside `final`, then rename it over `final`."""
-    fd, tmp = _create_temporary(final)
+def _holds(folder: str, name: str, size: int) -> bool:
+    """Whether the blob's file exists whole (a name is its content; the size check
+    catches a file damaged outside this code)."""
+    try:
+        found = os.stat(f"{folder}/{name}").st_size
+    except FileNotFoundError:
+        return False
+    if found != size:
+        log.warning("blob %s has %d bytes, expected %d: rewriting it", name, found, size)
+        return False
+    return True
+
+
+def _write_file(folder: str, name: str, data: bytes, *, fsync: bool) -> None:
+    """Write `data` to a temporary file in `folder`, then rename it to `name`."""
+    fd, tmp = _create_temporary(folder, name)
     try:
         try:
             _write_all(fd, data)
@@ -274,10 +276,18 @@ def _write_file(final: Path, data: bytes, *, fsync: bool) -> None:
                 os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, final)
+        os.replace(tmp, f"{folder}/{name}")
     except BaseException:
         _unlink_quietly(tmp)
         raise
+
+
+def _slices(items: list[_T], count: int) -> list[list[_T]]:
+    """`items` in at most `count` consecutive runs (one for a handful of items)."""
+    if len(items) <= 16:
+        return [items] if items else []
+    size = -(-len(items) // count)
+    return [items[start : start + size] for start in range(0, len(items), size)]
 
 
 def _load_syncfs() -> Callable[[int], int] | None:
@@ -317,15 +327,15 @@ def blob_store_from_settings(data_dir: Path) -> BlobStore:
     return LocalBlobStore(Path(data_dir) / "blobs")
 
 
-def _create_temporary(final: Path) -> tuple[int, str]:
-    """Create a new, uniquely named, read-only file beside `final`; open it for writing.
+def _create_temporary(folder: str, name: str) -> tuple[int, str]:
+    """Create a new, uniquely named, read-only file in `folder`; open it for writing.
 
     Created with its final mode (the mode applies to later opens, not this one),
     which saves an fchmod per blob; O_EXCL makes a name clash an error, not a
     shared file.
     """
     while True:
-        tmp = str(final.parent / f".{final.name[:16]}.{os.getpid()}-{next(_temporary_numbers)}.tmp")
+        tmp = f"{folder}/.{name[:16]}.{os.getpid()}-{next(_temporary_numbers)}.tmp"
         try:
             return os.open(tmp, _CREATE_FLAGS, 0o444), tmp
         except FileExistsError:  # left by a crashed process that had our pid
@@ -339,7 +349,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _fsync_dir(directory: Path) -> None:
+def _fsync_dir(directory: Path | str) -> None:
     fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)

@@ -266,7 +266,7 @@ def test_local_failed_batch_leaves_no_temporary_files(
     leftovers = [p for p in tmp_path.rglob("*") if p.is_file() and p.name.endswith(".tmp")]
     assert leftovers == []
     stored = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert len(stored) == 9  # the other writers finished: whole blobs, harmless
+    assert 2 <= len(stored) <= 9  # those written before (or beside) the failure: whole
     for path in stored:
         assert sha256_hex(path.read_bytes()) == path.name
 
