@@ -301,49 +301,66 @@ def readpst(path: Path, workdir: Path, rounds: int = 5) -> tuple[list[int], floa
 
 # -- where the worker's time goes ----------------------------------------------------------
 
-# (step, frames that mark it): the first step whose frames all occur in a sample of the
-# thread running engine.mailboxes._ingest takes the sample.
-STEPS: list[tuple[str, tuple[str, ...]]] = [
-    ("provider: read and split the mbox", ("_batched",)),
-    ("blob store: syncfs, once per batch", ("put_many", "_sync_file_system")),
-    ("blob store: fsync the blob files", ("put_many", "_write_chunk", "_in_parallel")),
-    ("blob store: create, write, rename temp files", ("put_many", "_write_chunk")),
-    ("blob store: mkdir the ab/cd folders", ("put_many", "_make_parents")),
-    ("blob store: fsync the folders", ("put_many", "_in_parallel")),
-    ("blob store: SHA-256, stat, paths", ("put_many",)),
-    ("catalog: parse metadata", ("record_batch", "parse_metadata")),
-    ("catalog INSERT: psycopg query conversion", ("record_batch", "_convert_query")),
-    ("catalog INSERT: waiting for PostgreSQL", ("record_batch", "Connection.wait")),
-    ("catalog INSERT: SQLAlchemy compile and rows", ("record_batch",)),
-    ("lease, cursor, counters, COMMIT", ("_advance",)),
-    ("lease, cursor, counters, COMMIT", ("UnitOfWork.commit",)),
+# The engine's threads (engine.mailboxes._ingest, engine.read_ahead, the blob store's
+# writers): the frame that marks a sample as one thread's.
+THREADS: list[tuple[str, tuple[str, ...]]] = [
+    ("ingesting thread (engine.mailboxes._ingest)", ("_ingest",)),
+    ("provider reader thread (engine.read_ahead)", ("ReadAhead._read",)),
+    ("blob store threads (put_many and its writers)", ("put_many", "_store_all")),
 ]
+# (step, frames that mark it): the first step of a thread whose frames all occur in
+# one of its samples takes the sample.
+STEPS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
+    THREADS[0][0]: [
+        ("waiting for the batch's blobs to be durable", ("Future.result",)),
+        ("waiting for the provider's next batch", ("ReadAhead._consume",)),
+        ("catalog: parse metadata", ("record_batch", "parse_metadata")),
+        ("catalog INSERT: waiting for PostgreSQL", ("record_batch", "Connection.wait")),
+        ("catalog INSERT: rows, JSON, psycopg", ("record_batch",)),
+        ("lease, cursor, counters", ("_advance",)),
+        ("COMMIT", ("UnitOfWork.commit",)),
+    ],
+    THREADS[1][0]: [
+        ("waiting for the engine to take the batch", ("_hand_over",)),
+        ("provider: read and split the mbox", ("_batched",)),
+    ],
+    THREADS[2][0]: [
+        ("syncfs, once per batch", ("_sync_file_system",)),
+        ("create the temporary files", ("_create_temporary",)),
+        ("write the bytes", ("_write_all",)),
+        ("look for the blob (stat)", ("_holds",)),
+        ("close and rename", ("_write_file",)),
+        ("SHA-256", ("sha256_hex",)),
+        ("idle, waiting for a batch or for the writers", ("wait",)),
+    ],
+}
 
 
 def summarize_profile(path: Path) -> None:
-    """Share of the ingesting thread's samples per step, from `py-spy record --idle
+    """Share of each engine thread's samples per step, from `py-spy record --idle
     --format raw` output (idle samples count: they are fsync and PostgreSQL waits)."""
-    steps: dict[str, int] = dict.fromkeys((name for name, _ in STEPS), 0)
-    steps["other"] = 0
-    total = 0
+    counts = {
+        thread: dict.fromkeys([*(n for n, _ in STEPS[thread]), "other"], 0) for thread in STEPS
+    }
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         frames = [frame.split(" (")[0] for frame in stack.split(";")]
-        if "_ingest" not in frames:
-            continue
-        below = frames[frames.index("_ingest") + 1 :]
         # a mark names a function (`put_many`) or a method (`Connection.wait`)
-        inside = {*below, *(frame.rpartition(".")[2] for frame in below)}
-        total += int(count)
-        name = next((n for n, marks in STEPS if inside.issuperset(marks)), "other")
-        steps[name] += int(count)
-    if not total:
-        print("                (no samples of engine.mailboxes._ingest in the profile)")
-        return
-    print(f"                where the ingesting thread's time went ({total:,} samples):")
-    for name, count in sorted(steps.items(), key=lambda item: -item[1]):
-        if count:
-            print(f"                  {100 * count / total:5.1f} %  {name}")
+        inside = {*frames, *(frame.rpartition(".")[2] for frame in frames)}
+        thread = next((t for t, marks in THREADS if inside.intersection(marks)), None)
+        if thread is None:
+            continue
+        name = next((n for n, marks in STEPS[thread] if inside.issuperset(marks)), "other")
+        counts[thread][name] += int(count)
+    for thread, steps in counts.items():
+        total = sum(steps.values())
+        if not total:
+            print(f"                (no samples of the {thread} in the profile)")
+            continue
+        print(f"                {thread}, {total:,} samples:")
+        for name, samples in sorted(steps.items(), key=lambda item: -item[1]):
+            if samples:
+                print(f"                  {100 * samples / total:5.1f} %  {name}")
 
 
 # -- main -----------------------------------------------------------------------------------
