@@ -577,6 +577,23 @@ def print_import(result: ImportResult) -> None:
     )
 
 
+def print_file_creation(folder: Path, files: int = 200) -> None:
+    """How long creating an empty file takes in the workdir right now.
+
+    Both sides create a file per message, and on ext4 without a journal that costs
+    up to 0.7 ms instead of ~15 µs next to files deleted in the last minutes (see
+    docs/benchmarks.md), so a round's figures are read with this one. The files
+    stay: deleting them would cause what this measures.
+    """
+    folder.mkdir()
+    times = []
+    for number in range(files):
+        started = time.perf_counter()
+        os.close(os.open(folder / str(number), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        times.append(time.perf_counter() - started)
+    print(f"  file system: creating a file takes {statistics.median(times) * 1e6:,.0f} µs here now")
+
+
 def print_mirror(result: MirrorResult, ours: ImportResult) -> None:
     print(
         f"  mbsync: {result.messages:,} messages in {result.seconds:.1f} s: "
@@ -691,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
                 for round_number in range(args.repeat):
                     print(f"mailbox of {size:,} messages, round {round_number + 1}/{args.repeat}:")
                     email = seed_mailbox(dovecot, size)
+                    print_file_creation(workdir / f"probe-{round_number}")
                     profile = args.py_spy if round_number == 0 else None
                     result = run_import(stack, dovecot, email, size, secure=secure, profile=profile)
                     print_import(result)
