@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, select, text, tuple_
 
@@ -65,6 +65,7 @@ def record_batch(
 ) -> BatchOutcome:
     """Insert a row per new message; for known bytes, add the folder path."""
     rows: dict[str, dict[str, object]] = {}
+    batch_started = utcnow()
     for message, digest in zip(messages, digests, strict=True):
         row = rows.get(digest)
         if row is not None:
@@ -86,9 +87,9 @@ def record_batch(
             "cc_addresses": meta.cc,
             "sent_at": meta.sent_at.isoformat() if meta.sent_at else None,
             "has_attachments": meta.has_attachments,
-            # Distinct and increasing within the batch, so that listing the
-            # archive (oldest first) keeps the order the provider served.
-            "archived_at": utcnow().isoformat(),
+            # A microsecond apart, so that listing the archive (oldest first)
+            # keeps the order the provider served.
+            "archived_at": (batch_started + timedelta(microseconds=len(rows))).isoformat(),
         }
     if not rows:
         return BatchOutcome(0, 0)
