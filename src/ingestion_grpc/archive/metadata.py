@@ -36,6 +36,21 @@ _MAX_MIME_DEPTH = 32
 _MAX_MIME_PARTS = 1_000
 _MESSAGE_TYPES = ("message/rfc822", "message/global")
 
+# The header fields `_parse` and `_has_attachments` read; the rest are skipped.
+_READ_FIELDS = {
+    name.encode(): name
+    for name in (
+        "subject",
+        "from",
+        "to",
+        "cc",
+        "date",
+        "message-id",
+        "content-type",
+        "content-disposition",
+        "content-transfer-encoding",
+    )
+}
 # Where two line breaks meet (see _block_end).
 _BREAK_PAIRS = (b"\n\n", b"\n\r", b"\r\r")
 # A header field name (RFC 5322: printable ASCII except the colon).
@@ -151,13 +166,15 @@ def _parse(raw: bytes) -> MessageMetadata:
 def _read_headers(raw: bytes, start: int, end: int, limit: int) -> tuple[Headers, int]:
     """Parse the header block at raw[start:end].
 
-    Returns (lowercase name, unfolded value) pairs in order, and where the body
-    starts. The block ends at the first empty line, or at the first line that is
-    neither a field nor a continuation (as Python's parser does); a leading mbox
-    "From " line is skipped. At most `limit` bytes are read: a longer block is
-    cut there, and the message is then treated as having no body.
+    Returns the fields this module reads (_READ_FIELDS) as (lowercase name,
+    unfolded value) pairs in order, and where the body starts. The block ends at
+    the first empty line, or at the first line that is neither a field nor a
+    continuation (as Python's parser does); a leading mbox "From " line is
+    skipped. At most `limit` bytes are read: a longer block is cut there, and the
+    message is then treated as having no body.
     """
     headers: list[tuple[str, list[bytes]]] = []
+    kept: list[bytes] | None = None  # the pieces of the field being read, if kept
     pos = start
     stop = min(end, start + limit)
     # One C-speed split of the block instead of a regular expression per line.
@@ -170,13 +187,16 @@ def _read_headers(raw: bytes, start: int, end: int, limit: int) -> tuple[Headers
         if not content:
             return _joined(headers), next_pos
         if content[:1] in (b" ", b"\t"):
-            if headers:
-                headers[-1][1].append(content)
+            if kept is not None:
+                kept.append(content)
         else:
             name, colon, value = content.partition(b":")
-            name = name.rstrip(b" \t")
-            if colon and _FIELD_NAME.fullmatch(name):
-                headers.append((name.decode("ascii").lower(), [value]))
+            name = name.rstrip(b" \t").lower()
+            if colon and name in _READ_FIELDS:
+                kept = [value]
+                headers.append((_READ_FIELDS[name], kept))
+            elif colon and _FIELD_NAME.fullmatch(name):
+                kept = None  # a field nobody reads (Received, DKIM-Signature, ...)
             elif not (pos == start and content.startswith(b"From ")):
                 return _joined(headers), pos
         pos = next_pos

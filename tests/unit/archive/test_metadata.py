@@ -309,6 +309,27 @@ def test_broken_header_lines() -> None:
     assert meta.from_ == ""
 
 
+@pytest.mark.parametrize("stray", [b"Cc", b"X-Unread", b"Received"])
+def test_a_field_name_without_a_colon_ends_the_header_block(stray: bytes) -> None:
+    raw = b"Subject: kept\r\n" + stray + b"\r\nFrom: after@example.com\r\n\r\nbody"
+    meta = parse_metadata(raw)
+    assert (meta.subject, meta.from_, meta.cc) == ("kept", "", [])
+
+
+def test_continuation_lines_of_skipped_fields_are_not_read() -> None:
+    raw = (
+        b"Received: from a.example.com\r\n"
+        b"\tby b.example.com; Thu, 22 Aug 2002 07:36:16 -0400\r\n"
+        b"Subject: kept\r\n"
+        b" and folded\r\n"
+        b"X-Spam: Subject: not this\r\n"
+        b"\tTo: nor this <x@example.com>\r\n"
+        b"\r\nbody"
+    )
+    meta = parse_metadata(raw)
+    assert (meta.subject, meta.to, meta.sent_at) == ("kept and folded", [], None)
+
+
 def test_caps_long_values() -> None:
     many = b", ".join(b"u%d@example.com" % i for i in range(2_000))
     raw = b"Subject: " + b"x" * 50_000 + b"\nFrom: " + b"y" * 50_000 + b"\nTo: " + many + b"\n\n"
