@@ -20,6 +20,7 @@ from ingestion.v1 import upload_service_pb2_grpc
 
 from ingestion_grpc.api.upload import MAX_CONCURRENT_UPLOADS
 from ingestion_grpc.config import Settings, parse_size
+from ingestion_grpc.domain import uploads
 from ingestion_grpc.errors import ConfigurationError
 from ingestion_grpc.server import RunningServer, start_server
 from tests.support.envoy import EnvoyProxy, start_envoy
@@ -208,6 +209,32 @@ def test_past_the_limit_is_413_and_leaves_nothing(small: SmallServer, size: int)
     assert body["code"] == 8  # RESOURCE_EXHAUSTED
     assert str(MIB) in body["message"]
     assert "x-http-code" not in response.headers
+    wait_for(lambda: leftovers(small.upload_root), lambda left: left == [], 10, "cleanup")
+
+
+def test_a_full_disk_is_507_and_leaves_nothing(
+    small: SmallServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writes to /dev/full fail as on a full disk (ENOSPC)."""
+    real_open = open
+
+    def full_disk(path: Path, mode: str) -> object:
+        real_open(path, mode).close()  # the partial file exists, as it would
+        return real_open("/dev/full", "wb")
+
+    monkeypatch.setattr(uploads, "open", full_disk, raising=False)
+    response = requests.post(
+        f"{small.envoy.base_url}/v1/upload",
+        data=pieces(os.urandom(MIB // 2)),
+        headers=small.auth,
+        timeout=30,
+    )
+    assert response.status_code == 507, response.text
+    assert response.json() == {
+        "code": 8,
+        "message": "The server has no room left to store this upload; nothing was kept.",
+        "details": [],
+    }
     wait_for(lambda: leftovers(small.upload_root), lambda left: left == [], 10, "cleanup")
 
 

@@ -8,6 +8,7 @@ piece by piece (`domain/uploads.py`) and is never held whole in memory.
 
 from __future__ import annotations
 
+import errno
 import threading
 from collections.abc import Iterator
 
@@ -20,8 +21,11 @@ from ingestion_grpc.api.http import HttpStatus, set_http_status
 from ingestion_grpc.domain.uploads import UploadAbandoned, UploadStore, UploadTooLarge
 
 # RESOURCE_EXHAUSTED is 429 over REST; Envoy's Lua filter narrows it to 413
-# (Content Too Large) when the server says so in `x-http-code`.
+# (Content Too Large) or 507 (Insufficient Storage: the disk is full) when the
+# server says so in `x-http-code`.
 CONTENT_TOO_LARGE = "413"
+INSUFFICIENT_STORAGE = "507"
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 # An upload holds one of the server's threads (server.py: 32) for as long as
 # the client takes to send it, maybe hours; the rest stay free for the API.
 MAX_CONCURRENT_UPLOADS = 8
@@ -63,4 +67,12 @@ class UploadServicer(upload_service_pb2_grpc.UploadServiceServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
         except (grpc.RpcError, UploadAbandoned):
             context.abort(grpc.StatusCode.CANCELLED, "The upload was cancelled.")
+        except OSError as error:
+            if error.errno not in _DISK_FULL:
+                raise
+            context.send_initial_metadata((("x-http-code", INSUFFICIENT_STORAGE),))
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "The server has no room left to store this upload; nothing was kept.",
+            )
         return stored.file_path
