@@ -11,6 +11,7 @@ worker killed at any point leaves a cursor from which the next one resumes.
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -68,7 +69,7 @@ def ingest_mailbox(ctx: EngineContext, run_id: str, mailbox: str, *, final_attem
     except (ProviderAuthError, ProviderDataError) as error:
         _end(ctx, claim, MailboxState.FAILED, str(error))
     except Exception as error:
-        message = str(error) if isinstance(error, IngestionError) else type(error).__name__
+        message = _describe(error)
         if final_attempt:
             log.exception("mailbox %s of run %s failed for good", mailbox, run_id)
             _end(ctx, claim, MailboxState.FAILED, f"gave up after retries: {message}")
@@ -79,6 +80,16 @@ def ingest_mailbox(ctx: EngineContext, run_id: str, mailbox: str, *, final_attem
     else:
         _end(ctx, claim, MailboxState.DONE, "")
     finish_if_complete(ctx, run_id)
+
+
+def _describe(error: Exception) -> str:
+    """What a source's status message says about an unexpected error: ours say
+    what went wrong; others only their type (their text may hold anything)."""
+    if isinstance(error, IngestionError):
+        return str(error)
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "the archive's storage is full"
+    return type(error).__name__
 
 
 def _claim(
