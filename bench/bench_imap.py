@@ -580,10 +580,10 @@ def print_import(result: ImportResult) -> None:
 def print_file_creation(folder: Path, files: int = 200) -> None:
     """How long creating an empty file takes in the workdir right now.
 
-    Both sides create a file per message, and on ext4 without a journal that costs
-    up to 0.7 ms instead of ~15 µs next to files deleted in the last minutes (see
+    Both sides create a file per message, and on this machine's ext4 (no journal)
+    that costs from ~15 µs to 0.7 ms depending on where and when (see
     docs/benchmarks.md), so a round's figures are read with this one. The files
-    stay: deleting them would cause what this measures.
+    stay until the end, like the rounds' own.
     """
     folder.mkdir()
     times = []
@@ -708,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
                 for round_number in range(args.repeat):
                     print(f"mailbox of {size:,} messages, round {round_number + 1}/{args.repeat}:")
                     email = seed_mailbox(dovecot, size)
-                    print_file_creation(workdir / f"probe-{round_number}")
+                    print_file_creation(workdir / f"probe-{email.split('@')[0]}")
                     profile = args.py_spy if round_number == 0 else None
                     result = run_import(stack, dovecot, email, size, secure=secure, profile=profile)
                     print_import(result)
@@ -736,10 +736,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; cleaned up", file=sys.stderr)
         return 130
     if not args.keep:
-        # Only now: on ext4 without a journal (this machine's), creating files near
-        # thousands deleted in the last five minutes costs up to 0.7 ms of kernel
-        # time each, so deleting a round's files would slow the next round (see
-        # docs/benchmarks.md).
+        # Only now: deleting a round's files made the next round slower on this
+        # machine's ext4 (no journal), where creating a file can cost up to 0.7 ms
+        # of kernel time depending on what happened nearby (docs/benchmarks.md).
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

@@ -34,9 +34,9 @@ log = logging.getLogger(__name__)
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 # Blob files written at once by `LocalBlobStore.put_many`. Creating a file can keep
-# the kernel busy (0.3 to 0.7 ms each next to recently deleted files on ext4
-# without a journal, see docs/benchmarks.md), and an fsync'ing store (no syncfs)
-# waits on every file: two writers overlap that. More measured no faster: each
+# the kernel busy (up to 0.7 ms each on some ext4 file systems without a journal,
+# see docs/benchmarks.md), and an fsync'ing store (no syncfs) waits on every
+# file: two writers overlap that. More measured no faster: each
 # system call hands Python's GIL back and forth with the IMAP reader and the
 # catalog insert.
 _WRITERS = 2
