@@ -56,9 +56,9 @@ from ingestion_grpc.archive.metadata import parse_metadata
 from ingestion_grpc.config import Settings
 from ingestion_grpc.db.session import Database
 from ingestion_grpc.jobs.queue import DramatiqJobQueue, redis_broker
-from ingestion_grpc.jobs.worker import worker_command, worker_environment
 from ingestion_grpc.providers.imap import GenericImap
 from ingestion_grpc.server import RunningServer, start_server
+from tests.support import workers
 from tests.support.corpora import HAM, mbox_messages
 from tests.support.dovecot import Dovecot
 from tests.support.envoy import EnvoyProxy, start_envoy
@@ -201,32 +201,22 @@ def _status_kib(pid: int, field_name: str) -> int:
     return 0
 
 
-class Worker:
-    """`python -m dramatiq ingestion_grpc.jobs.actors --processes 1 --threads 1`.
+class Worker(workers.Worker):
+    """The tests' worker process with `--processes 1 --threads 1`, ready before the
+    clock starts, and its memory watched.
 
     Dramatiq's CLI process forks the worker process that runs the actors; that child's
     memory is what we report (the parent only supervises and relays logs)."""
 
     def __init__(self, environment: dict[str, str], log_path: Path) -> None:
-        self.environment = worker_environment(
-            {**os.environ, **environment, "PYTHONUNBUFFERED": "1"}
-        )
-        self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
+        super().__init__(environment, log_path, threads=1)
         self.peak_sampled_kib = 0
         self._sampling = threading.Event()
         self._sampler: threading.Thread | None = None
 
     def start(self, timeout: float = 60.0) -> Worker:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                worker_command(threads=1),
-                env=self.environment,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        super().start()
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while WORKER_READY not in self.log() or not self.children():
             if self.process.poll() is not None:
@@ -260,17 +250,7 @@ class Worker:
         self._sampling.set()
         if self._sampler is not None:
             self._sampler.join()
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        super().stop()
 
 
 class PySpy:

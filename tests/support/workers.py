@@ -20,17 +20,18 @@ from ingestion_grpc.jobs.worker import worker_command, worker_environment
 class Worker:
     """`python -m dramatiq ingestion_grpc.jobs.actors` in its own process group."""
 
-    def __init__(self, environment: dict[str, str], log_path: Path) -> None:
+    def __init__(self, environment: dict[str, str], log_path: Path, threads: int = 2) -> None:
         self._environment = worker_environment(
             {**os.environ, **environment, "PYTHONUNBUFFERED": "1"}
         )
         self.log_path = log_path
+        self.threads = threads
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Worker:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                worker_command(threads=2),
+                worker_command(threads=self.threads),
                 env=self._environment,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
