@@ -61,10 +61,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
-
 # bench_imap puts the repository root on sys.path (for `tests.support`) on import.
-from bench_imap import MB, BenchFailed, PySpy, Stack, Worker, _wait_settled, running_stack
+from bench_imap import MB, BenchFailed, ImportResult, Stack, Worker, running_stack, timed_import
 from ingestion_grpc.config import parse_size
 from ingestion_grpc.providers.base import ProviderEnvironment
 from ingestion_grpc.providers.pst import PstImport
@@ -112,73 +110,19 @@ def write_mbox(path: Path, size: int) -> tuple[int, int]:
 # -- ours -----------------------------------------------------------------------------------
 
 
-@dataclass
-class Ours:
-    messages: int
-    message_bytes: int
-    seconds: float
-    worker_peak_kib: int
-    worker_sampled_kib: int
-
-
 def import_through_stack(
     stack: Stack, provider: str, path: Path, expected: int, *, profile: Path | None = None
-) -> Ours:
-    """Create the source over REST, wait until it is `imported`, check every counter."""
-    worker = Worker(stack.environment, stack.workdir / f"worker-{provider}.log")
-    spy: PySpy | None = None
-    try:
-        worker.start()
-        if profile is not None:
-            spy = PySpy(profile, worker.children()[0])
-        os.sync()  # nothing left to write back from generating the file while we are timed
-        started = time.monotonic()
-        created = stack.http.post(
-            f"{stack.base_url}/v1/ingestion-sources",
-            json={
-                "name": path.name,
-                "provider": provider,
-                "providerConfig": {"localFilePath": path.name},
-            },
-            timeout=60,
-        )
-        if created.status_code != 201:
-            raise BenchFailed(f"creating the source failed: {created.status_code} {created.text}")
-        source_id = created.json()["id"]
-        source = _wait_settled(stack, source_id, timeout=max(600.0, expected / 50), worker=worker)
-        seconds = time.monotonic() - started
-        worker_peak, _ = worker.peak_rss_kib()
-    finally:
-        if spy is not None:
-            spy.stop()
-        worker.stop()
-    if source["status"] != "imported":
-        raise BenchFailed(
-            f"the import ended {source['status']!r}: {source}\n{worker.log()[-3000:]}"
-        )
-    sessions = stack.http.get(
-        f"{stack.base_url}/v1/ingestion-sources/{source_id}/sync-sessions", timeout=30
-    ).json()["syncSessions"]
-    run = sessions[0]
-    counters = (run["status"], run["messagesFetched"], run["messagesArchived"])
-    if len(sessions) != 1 or counters != ("completed", expected, expected):
-        raise BenchFailed(f"expected one import of exactly {expected:,} messages: {sessions}")
-    rows, size = archived_rows(stack, source_id)
-    if rows != expected:
-        raise BenchFailed(f"archived_emails holds {rows:,} rows, expected {expected:,}")
-    return Ours(rows, size, seconds, worker_peak, worker.peak_sampled_kib)
-
-
-def archived_rows(stack: Stack, source_id: str) -> tuple[int, int]:
-    """(rows, total message bytes) of the source in the archive's catalog."""
-    with psycopg.connect(stack.database_url) as db:
-        row = db.execute(
-            "SELECT count(*), coalesce(sum(size_bytes), 0) FROM archived_emails "
-            "WHERE source_id = %s",
-            (source_id,),
-        ).fetchone()
-    assert row is not None
-    return int(row[0]), int(row[1])
+) -> ImportResult:
+    """Import the file through the stack until the source is `imported`."""
+    return timed_import(
+        stack,
+        Worker(stack.environment, stack.workdir / f"worker-{provider}.log"),
+        {"name": path.name, "provider": provider, "providerConfig": {"localFilePath": path.name}},
+        expected,
+        settled="imported",
+        timeout=max(600.0, expected / 50),
+        profile=profile,
+    )
 
 
 # -- the baseline ---------------------------------------------------------------------------
@@ -432,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
 
             ours = import_through_stack(stack, "mbox_import", mbox, count, profile=args.py_spy)
             print(
-                f"mbox, ours:     {ours.messages:,} messages, {ours.message_bytes / MB:,.1f} MB "
-                f"in {ours.seconds:.1f} s: {rate(ours.messages, ours.message_bytes, ours.seconds)}"
+                f"mbox, ours:     {ours.messages:,} messages, {ours.size_bytes / MB:,.1f} MB "
+                f"in {ours.seconds:.1f} s: {rate(ours.messages, ours.size_bytes, ours.seconds)}"
             )
             print(
                 f"                worker process peak RSS {ours.worker_peak_kib / 1024:.1f} MiB "
@@ -449,10 +393,10 @@ def main(argv: list[str] | None = None) -> int:
                 folder = workdir / f"baseline-{index}"
                 base = baseline(mbox, folder, barrier)
                 shutil.rmtree(folder, ignore_errors=True)
-                if (base.messages, base.message_bytes) != (ours.messages, ours.message_bytes):
+                if (base.messages, base.message_bytes) != (ours.messages, ours.size_bytes):
                     raise BenchFailed(
                         f"the baseline read {base.messages:,} messages, {base.message_bytes:,} "
-                        f"bytes; the archive holds {ours.messages:,}, {ours.message_bytes:,}"
+                        f"bytes; the archive holds {ours.messages:,}, {ours.size_bytes:,}"
                     )
                 ratio = (ours.messages / ours.seconds) / (base.messages / base.seconds)
                 print(

@@ -312,40 +312,64 @@ def run_import(
     secure: bool,
     profile: Path | None,
 ) -> ImportResult:
-    """Create the source over REST and wait until it is `active`; check the counters.
+    """Import the mailbox through the stack until the source is `active`.
 
     The worker gets a DATA_DIR of its own: every import starts from an empty blob
     store (no directories made by an earlier round), as a first import does."""
     name = email.split("@")[0]
     environment = {**stack.environment, "DATA_DIR": str(stack.workdir / f"data-{name}")}
-    worker = Worker(environment, stack.workdir / f"worker-{name}.log")
+    return timed_import(
+        stack,
+        Worker(environment, stack.workdir / f"worker-{name}.log"),
+        {
+            "name": email,
+            "provider": "generic_imap",
+            "providerConfig": dovecot.provider_config(
+                email, secure=secure, allow_insecure_cert=secure
+            ),
+        },
+        expected,
+        settled="active",
+        timeout=max(600.0, expected / 10),
+        profile=profile,
+    )
+
+
+def timed_import(
+    stack: Stack,
+    worker: Worker,
+    source: dict[str, Any],
+    expected: int,
+    *,
+    settled: str,
+    timeout: float,
+    profile: Path | None = None,
+) -> ImportResult:
+    """Start `worker`, create `source` over REST and time it until its import is over;
+    then stop the worker. Fails unless the source ends `settled` with one completed
+    import that fetched and archived exactly `expected` messages, all in the catalog."""
     spy: PySpy | None = None
     try:
         worker.start()
         if profile is not None:
             spy = PySpy(profile, worker.children()[0])
-        config = dovecot.provider_config(email, secure=secure, allow_insecure_cert=secure)
-        os.sync()  # nothing left to write back from seeding while we are timed
+        os.sync()  # nothing left to write back from preparing the input while we are timed
         started = time.monotonic()
-        created = stack.http.post(
-            f"{stack.base_url}/v1/ingestion-sources",
-            json={"name": email, "provider": "generic_imap", "providerConfig": config},
-            timeout=60,
-        )
+        created = stack.http.post(f"{stack.base_url}/v1/ingestion-sources", json=source, timeout=60)
         if created.status_code != 201:
             raise BenchFailed(f"creating the source failed: {created.status_code} {created.text}")
         source_id = created.json()["id"]
-        source = _wait_settled(stack, source_id, timeout=max(600.0, expected / 10), worker=worker)
+        ended = _wait_settled(stack, source_id, timeout=timeout, worker=worker)
         seconds = time.monotonic() - started
         worker_peak, parent_peak = worker.peak_rss_kib()
     finally:
         if spy is not None:
             spy.stop()
         worker.stop()
-    if source["status"] != "active":
+    if ended["status"] != settled:
         raise BenchFailed(
-            f"the import ended with status {source['status']!r}: "
-            f"{source.get('lastSyncStatusMessage')}\n{worker.log()[-3000:]}"
+            f"the import ended with status {ended['status']!r}: "
+            f"{ended.get('lastSyncStatusMessage')}\n{worker.log()[-3000:]}"
         )
     sessions = stack.http.get(
         f"{stack.base_url}/v1/ingestion-sources/{source_id}/sync-sessions", timeout=30
