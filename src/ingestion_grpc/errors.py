@@ -48,7 +48,23 @@ class Unavailable(IngestionError):
     """Raised when a dependency (database, broker) cannot be reached now."""
 
 
-class ConnectionCheckFailed(IngestionError):
+class ResourceExhausted(IngestionError):
+    """Raised when a request exceeds a limit; `http_status` narrows REST's 429.
+
+    413 for a request too large, 507 when the server's storage is full, 429
+    (the default) for too many requests at once.
+    """
+
+    def __init__(self, message: str, http_status: int = 429) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+
+
+class ProviderError(IngestionError):
+    """Root of the errors raised while talking to a mail provider."""
+
+
+class ConnectionCheckFailed(ProviderError):
     """Raised when a provider rejects or cannot be reached with a source's settings."""
 
 
@@ -56,9 +72,15 @@ class ProviderAuthError(ConnectionCheckFailed):
     """Raised when a provider refuses the credentials; retrying will not help."""
 
 
-class ProviderUnavailable(IngestionError):
+class ProviderUnavailable(ProviderError):
     """Raised when a provider cannot be reached now; a later retry may succeed."""
 
 
-class ProviderDataError(IngestionError):
+class ProviderDataError(ProviderError):
     """Raised when a source's data cannot be read (a corrupt file); retrying will not help."""
+
+
+class MailboxUnavailable(ProviderError):
+    """Raised by a fetch when one mailbox cannot be read at all (no licence, a
+    suspended user, a guest): that mailbox is skipped with this reason, and tried
+    again on the next run; the others go on."""

@@ -1,0 +1,72 @@
+"""Retrying a cloud API call: exponential backoff with jitter, honouring Retry-After.
+
+Built on tenacity (the retry library most Python API clients use), so the policy
+is one declaration: a provider raises `RetryLater` from its call wrapper for what
+may succeed later (429, 5xx, a dropped connection), and `with_retries` waits
+`max(Retry-After, random exponential)` before the next attempt. When the attempts
+are used up the last `RetryLater` is raised again for the provider to translate.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
+import tenacity
+
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+ATTEMPTS = 7
+# Backoff grows 1 s, 2 s, 4 s ... up to MAX_WAIT_SECONDS, each drawn at random
+# below its bound (full jitter), so workers throttled together do not retry together.
+FIRST_WAIT_SECONDS = 1.0
+MAX_WAIT_SECONDS = 60.0
+
+
+class RetryLater(Exception):
+    """Raised by a call wrapper when the request may succeed if tried again."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+_jitter = tenacity.wait_random_exponential(multiplier=FIRST_WAIT_SECONDS, max=MAX_WAIT_SECONDS)
+
+
+def _wait(state: tenacity.RetryCallState) -> float:
+    error = state.outcome.exception() if state.outcome else None
+    hinted = error.retry_after if isinstance(error, RetryLater) and error.retry_after else 0.0
+    return max(min(hinted, MAX_WAIT_SECONDS * 5), _jitter(state))
+
+
+def _log_retry(state: tenacity.RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    log.info(
+        "attempt %d failed (%s); next in %.1f s",
+        state.attempt_number,
+        error.reason if isinstance(error, RetryLater) else type(error).__name__,
+        state.upcoming_sleep,
+    )
+
+
+def with_retries(
+    call: Callable[[], T],
+    *,
+    attempts: int = ATTEMPTS,
+    sleep: Callable[[float], None] = tenacity.nap.sleep,
+) -> T:
+    """`call()`, tried up to `attempts` times while it raises RetryLater."""
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(RetryLater),
+        wait=_wait,
+        stop=tenacity.stop_after_attempt(attempts),
+        before_sleep=_log_retry,
+        sleep=sleep,
+        reraise=True,
+    )
+    return retrying(call)
