@@ -67,6 +67,7 @@ from ingestion_grpc.config import parse_size
 from ingestion_grpc.providers.base import ProviderEnvironment
 from ingestion_grpc.providers.pst import PstImport
 from tests.support.corpora import ENRON_PST, HAM, mbox_messages
+from tests.support.fetch_context import NO_CONTEXT
 
 BATCH = 500  # the engine's batch (providers.files.MAX_BATCH_MESSAGES)
 FSYNC_THREADS = 16  # as archive.blobstore._SYNC_THREADS
@@ -220,7 +221,7 @@ def pst_read_alone(path: Path) -> tuple[int, float]:
         ProviderEnvironment(import_root=path.parent, upload_root=path.parent / "uploads"),
     )
     started = time.monotonic()
-    batches = provider.fetch(provider.list_mailboxes()[0], None)
+    batches = provider.fetch(provider.list_mailboxes()[0], None, NO_CONTEXT)
     count = sum(len(batch.messages) for batch in batches)
     return count, time.monotonic() - started
 

@@ -50,18 +50,20 @@ import psycopg
 import redis
 import requests
 
+from ingestion_grpc import bootstrap
 from ingestion_grpc.archive.blobstore import LocalBlobStore
 from ingestion_grpc.archive.catalog import record_batch
 from ingestion_grpc.archive.metadata import parse_metadata
 from ingestion_grpc.config import Settings
 from ingestion_grpc.db.session import Database
-from ingestion_grpc.jobs.queue import DramatiqJobQueue, redis_broker
+from ingestion_grpc.providers.base import Mailbox
 from ingestion_grpc.providers.imap import GenericImap
 from ingestion_grpc.server import RunningServer, start_server
 from tests.support import workers
 from tests.support.corpora import HAM, mbox_messages
 from tests.support.dovecot import Dovecot
 from tests.support.envoy import EnvoyProxy, start_envoy
+from tests.support.fetch_context import NO_CONTEXT, NO_ENVIRONMENT
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -143,18 +145,14 @@ def running_stack(workdir: Path) -> Iterator[Stack]:
         "ENCRYPTION_KEY": secrets.token_hex(32),
         "GRPC_PORT": "0",
         "STALE_RUN_AFTER": "2m",
+        "ADMIN_EMAIL": ADMIN_EMAIL,
+        "ADMIN_PASSWORD": admin_password,
     }
     with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{database}"')
     try:
         settings = Settings.from_env(stack.environment)
-        stack.server = start_server(
-            settings,
-            port=0,
-            jobs=DramatiqJobQueue(redis_broker(settings.redis_url, settings.queue_namespace)),
-            admin_email=ADMIN_EMAIL,
-            admin_password=admin_password,
-        )
+        stack.server = start_server(settings, port=0, jobs=bootstrap.job_queue(settings))
         stack.envoy = start_envoy(stack.server.port, workdir / "envoy")
         stack.envoy.wait_healthy()
         stack.http.trust_env = False  # straight to Envoy, whatever http_proxy says
@@ -526,14 +524,14 @@ def measure_phases(
     parsing, timed apart, plus the INSERT and COMMIT). Not replayed: the lease check,
     cursor upsert and counter update (three one-row statements per batch of 500)."""
     config = dovecot.provider_config(email, secure=secure, allow_insecure_cert=secure)
-    provider = GenericImap(GenericImap.validate_config(config))
+    provider = GenericImap(GenericImap.validate_config(config), NO_ENVIRONMENT)
     blobs = LocalBlobStore(stack.workdir / f"phase-blobs-{email.split('@')[0]}")
     database = Database(stack.database_url)
     phases = Phases()
     clock = time.perf_counter
     os.sync()
     started = clock()
-    batches = provider.fetch(email, None)
+    batches = provider.fetch(Mailbox(email, email), None, NO_CONTEXT)
     try:
         while True:
             mark = clock()

@@ -1,6 +1,8 @@
-"""`ingestion-grpc`: run the stack, or create a user.
+"""`ingestion-grpc`: run the stack or one of its parts, or create a user.
 
 ingestion-grpc run                                  the whole stack (make run)
+ingestion-grpc server                               the gRPC server alone
+ingestion-grpc scheduler                            the scheduler alone
 ingestion-grpc create-user EMAIL --role user        prompts for the password
 """
 
@@ -60,11 +62,48 @@ def _run(args: argparse.Namespace) -> int:
     return run_stack()
 
 
+def _server(args: argparse.Namespace) -> int:
+    from ingestion_grpc.server import main as serve
+
+    serve()
+    return 0
+
+
+def _scheduler(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+    from types import FrameType
+
+    from ingestion_grpc import bootstrap
+    from ingestion_grpc.db.migrate import upgrade_to_head
+    from ingestion_grpc.engine.scheduler import run_forever
+
+    settings = bootstrap.settings_or_exit()
+    bootstrap.configure_logging(settings)
+    ctx = bootstrap.engine_context(settings, bootstrap.job_queue(settings))
+    # The scheduler may start before any server: the schema must exist first.
+    upgrade_to_head(ctx.database.engine)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    run_forever(ctx, settings.scheduler_tick.total_seconds(), stopping)
+    ctx.database.dispose()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ingestion-grpc")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="start the whole stack in the foreground").set_defaults(
         handler=_run
+    )
+    commands.add_parser("server", help="run the gRPC server alone").set_defaults(handler=_server)
+    commands.add_parser("scheduler", help="run the scheduler alone").set_defaults(
+        handler=_scheduler
     )
     user = commands.add_parser(
         "create-user",

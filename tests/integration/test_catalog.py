@@ -52,7 +52,7 @@ def source_id(database: Database) -> str:
 
 def _record(database: Database, source_id: str, *messages: tuple[bytes, str]) -> BatchOutcome:
     fetched = [
-        FetchedMessage(raw, folder, f"{folder}:{i}") for i, (raw, folder) in enumerate(messages)
+        FetchedMessage(raw, (folder,), f"{folder}:{i}") for i, (raw, folder) in enumerate(messages)
     ]
     with database.unit_of_work() as uow:
         outcome = record_batch(

@@ -19,7 +19,7 @@ from ingestion.v1 import (
     ingestion_service_pb2_grpc,
 )
 
-from tests.integration.test_sources_rest import GOOGLE_CONFIG
+from tests.support.fake_tenant import tenant_config
 from tests.support.rest import Rest
 from tests.support.services import ADMIN_EMAIL, ADMIN_PASSWORD
 
@@ -37,9 +37,9 @@ def _create_request(
     name: str = "grpc source",
 ) -> ingestion_service_pb2.CreateIngestionSourceRequest:
     config = struct_pb2.Struct()
-    config.update(GOOGLE_CONFIG)
+    config.update(tenant_config())
     return ingestion_service_pb2.CreateIngestionSourceRequest(
-        name=name, provider="google_workspace", provider_config=config
+        name=name, provider="fake_tenant", provider_config=config
     )
 
 
@@ -88,7 +88,7 @@ def test_missing_permission_over_grpc(
 def test_invalid_argument_carries_bad_request_details(grpc_channel: grpc.Channel) -> None:
     stub = ingestion_service_pb2_grpc.IngestionServiceStub(grpc_channel)
     request = _create_request()
-    request.provider_config.fields.pop("impersonatedAdminEmail")
+    request.provider_config.fields.pop("endpoint")
     with pytest.raises(grpc.RpcError) as raised:
         stub.CreateIngestionSource(
             request, metadata=(("authorization", f"Bearer {_token(grpc_channel)}"),)
@@ -98,7 +98,7 @@ def test_invalid_argument_carries_bad_request_details(grpc_channel: grpc.Channel
     assert status is not None
     detail = error_details_pb2.BadRequest()
     assert status.details[0].Unpack(detail)
-    assert detail.field_violations[0].field == "providerConfig.impersonatedAdminEmail"
+    assert detail.field_violations[0].field == "providerConfig.endpoint"
 
 
 def test_health_and_reflection_are_open(grpc_channel: grpc.Channel) -> None:

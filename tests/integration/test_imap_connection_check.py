@@ -17,12 +17,13 @@ from ingestion_grpc.errors import ConnectionCheckFailed, ProviderAuthError
 from ingestion_grpc.providers import imap as imap_module
 from ingestion_grpc.providers.imap import GenericImap, connect, disconnect
 from tests.support.dovecot import Dovecot, free_port
+from tests.support.fetch_context import NO_ENVIRONMENT
 
 PASSWORD = "correct-Horse-battery-staple-42"
 
 
 def check(config: dict[str, Any]) -> None:
-    GenericImap(GenericImap.validate_config(config)).check_connection()
+    GenericImap(GenericImap.validate_config(config), NO_ENVIRONMENT).check_connection()
 
 
 def failure(config: dict[str, Any], **connect_options: Any) -> ConnectionCheckFailed:

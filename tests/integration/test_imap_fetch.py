@@ -22,7 +22,7 @@ from ingestion_grpc.errors import (
 )
 from ingestion_grpc.providers import imap as imap_module
 from ingestion_grpc.providers import imap_fetch
-from ingestion_grpc.providers.base import Batch, FetchedMessage
+from ingestion_grpc.providers.base import Batch, FetchedMessage, Mailbox
 from ingestion_grpc.providers.imap import GenericImap
 from ingestion_grpc.providers.imap_folders import (
     folder_from_wire,
@@ -31,6 +31,7 @@ from ingestion_grpc.providers.imap_folders import (
     select_folders,
 )
 from tests.support.dovecot import Dovecot, free_port
+from tests.support.fetch_context import NO_CONTEXT, NO_ENVIRONMENT
 
 # In CI, shared/ sits beside a fresh clone of the repository.
 CORPORA = Path(__file__).resolve().parents[2].parent / "shared" / "corpora"
@@ -77,10 +78,12 @@ class Account:
 
     def provider(self, **config: Any) -> GenericImap:
         settings = {**self.dovecot.provider_config(self.user), **config}
-        return GenericImap(GenericImap.validate_config(settings))
+        return GenericImap(GenericImap.validate_config(settings), NO_ENVIRONMENT)
 
     def fetch(self, cursor: dict[str, Any] | None = None, **config: Any) -> list[Batch]:
-        return list(self.provider(**config).fetch(self.user, cursor))
+        return list(
+            self.provider(**config).fetch(Mailbox(self.user, self.user), cursor, NO_CONTEXT)
+        )
 
     def served(self, folder: str) -> dict[int, bytes]:
         """BODY[] of every message of `folder`, fetched directly."""
@@ -121,7 +124,7 @@ def uid_of(message: FetchedMessage) -> int:
 def per_folder(batches: list[Batch]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for message in messages(batches):
-        counts[message.folder_path] = counts.get(message.folder_path, 0) + 1
+        counts[message.folder_paths[0]] = counts.get(message.folder_paths[0], 0) + 1
     return counts
 
 
@@ -148,14 +151,14 @@ def test_fetches_every_folder_exactly_as_the_server_serves_it(account: Account) 
     assert len(set(ids(batches))) == len(messages(batches))
     # Folders sorted by path (the \Noselect parents "Archive" and "Entwürfe" are not
     # read), each oldest UID first.
-    order = [(m.folder_path, uid_of(m)) for m in messages(batches)]
+    order = [(m.folder_paths[0], uid_of(m)) for m in messages(batches)]
     assert order == sorted(order)
-    assert messages(batches)[0].folder_path == "Archive/2002"
+    assert messages(batches)[0].folder_paths == ("Archive/2002",)
 
     for folder in LAYOUT:
         served = account.served(folder)
         validity = account.uidvalidity(folder)
-        got = {uid_of(m): m for m in messages(batches) if m.folder_path == folder}
+        got = {uid_of(m): m for m in messages(batches) if m.folder_paths[0] == folder}
         assert set(got) == set(served) == set(account.appended[folder])
         for uid, message in got.items():
             assert message.provider_message_id == f"{folder}:{validity}:{uid}"
@@ -183,7 +186,9 @@ def test_each_batch_cursor_covers_exactly_that_batch_and_the_ones_before(
     seen: dict[str, int] = {}
     for batch in batches:
         for message in batch.messages:
-            seen[message.folder_path] = max(seen.get(message.folder_path, 0), uid_of(message))
+            seen[message.folder_paths[0]] = max(
+                seen.get(message.folder_paths[0], 0), uid_of(message)
+            )
         assert {k: v["lastUid"] for k, v in batch.cursor["folders"].items()} == seen
     # Every batch has its own cursor object: the engine may keep them.
     assert len({id(batch.cursor) for batch in batches}) == len(batches)
@@ -213,7 +218,7 @@ def test_new_messages_and_a_new_folder_come_after_the_final_cursor(account: Acco
     batches = account.fetch(final)
 
     assert per_folder(batches) == {"INBOX": 2, "Archive/2002": 1, "Neu/Ordner": 5}
-    assert sorted(uid_of(m) for m in messages(batches) if m.folder_path == "INBOX") == [10, 11]
+    assert sorted(uid_of(m) for m in messages(batches) if m.folder_paths[0] == "INBOX") == [10, 11]
     assert batches[-1].cursor["folders"]["Neu/Ordner"]["lastUid"] == 5
     assert account.fetch(batches[-1].cursor) == []
 
@@ -303,7 +308,7 @@ def test_connection_dropped_mid_fetch_resumes_without_loss_or_repeat(
     account: Account, caplog: pytest.LogCaptureFixture
 ) -> None:
     expected = ids(account.fetch())
-    fetch = account.provider().fetch(account.user, None)
+    fetch = account.provider().fetch(Mailbox(account.user, account.user), None, NO_CONTEXT)
     got = ids([next(fetch)])
     for round_ in range(2):  # two drops, at different points
         account.dovecot.doveadm("kick", account.user)
@@ -331,7 +336,7 @@ def test_a_message_deleted_while_fetching_is_not_an_error(
     monkeypatch.setattr(imap_fetch, "_sizes", sizes_then_delete)
     batches = account.fetch()
     assert deleted == [2]
-    archive = sorted(uid_of(m) for m in messages(batches) if m.folder_path == "Archive/2002")
+    archive = sorted(uid_of(m) for m in messages(batches) if m.folder_paths[0] == "Archive/2002")
     assert archive == [1, 3, 4, 5, 6, 7]
     assert per_folder(batches) == {**LAYOUT, "Archive/2002": 6}
 
@@ -364,7 +369,7 @@ def test_a_folder_the_server_refuses_to_open_does_not_stop_the_others(
         return real_select(client, folder, readonly)
 
     monkeypatch.setattr(IMAPClient, "select_folder", select)
-    fetch = account.provider().fetch(account.user, None)
+    fetch = account.provider().fetch(Mailbox(account.user, account.user), None, NO_CONTEXT)
     batches: list[Batch] = []
     with pytest.raises(ProviderUnavailable) as caught:
         for batch in fetch:
@@ -379,13 +384,13 @@ def test_changed_password_is_an_auth_error(account: Account) -> None:
     provider = account.provider()
     account.dovecot.set_password(account.user, "a-new-password-1")
     with pytest.raises(ProviderAuthError) as caught:
-        list(provider.fetch(account.user, None))
+        list(provider.fetch(Mailbox(account.user, account.user), None, NO_CONTEXT))
     assert account.dovecot.provider_config(account.user)["password"] not in str(caught.value)
     assert provider.config["password"] not in str(caught.value)
 
 
 def test_password_changed_before_a_reconnect_is_an_auth_error(account: Account) -> None:
-    fetch = account.provider().fetch(account.user, None)
+    fetch = account.provider().fetch(Mailbox(account.user, account.user), None, NO_CONTEXT)
     next(fetch)
     account.dovecot.set_password(account.user, "another-new-password-2")
     account.dovecot.doveadm("kick", account.user)
@@ -411,7 +416,7 @@ def test_gives_up_after_a_few_reconnects(account: Account, monkeypatch: pytest.M
         return real_connect(config, **kwargs)
 
     monkeypatch.setattr(imap_module, "connect", connect_once)
-    fetch = account.provider().fetch(account.user, None)
+    fetch = account.provider().fetch(Mailbox(account.user, account.user), None, NO_CONTEXT)
     next(fetch)
     account.dovecot.doveadm("kick", account.user)
     with pytest.raises(ProviderUnavailable) as caught:
@@ -422,7 +427,7 @@ def test_gives_up_after_a_few_reconnects(account: Account, monkeypatch: pytest.M
 
 
 def test_closing_the_generator_early_logs_out(account: Account) -> None:
-    fetch = account.provider().fetch(account.user, None)
+    fetch = account.provider().fetch(Mailbox(account.user, account.user), None, NO_CONTEXT)
     assert isinstance(fetch, Generator)
     next(fetch)
     wait_for(lambda: connections(account.dovecot, account.user) == 1)
@@ -432,9 +437,11 @@ def test_closing_the_generator_early_logs_out(account: Account) -> None:
 
 def test_mailboxes_are_the_account(account: Account) -> None:
     provider = account.provider()
-    assert provider.list_mailboxes() == [account.user]
+    assert provider.list_mailboxes() == [Mailbox(account.user, account.user)]
     with pytest.raises(InvalidArgument):
-        provider.fetch("someone-else@example.com", None)
+        provider.fetch(
+            Mailbox("someone-else@example.com", "someone-else@example.com"), None, NO_CONTEXT
+        )
 
 
 # --- folder names and cursors, without a server ------------------------------------------

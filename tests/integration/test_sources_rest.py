@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import redis
+import requests
 from sqlalchemy import func, update
 
 from ingestion_grpc.db.models import IngestionSource, SyncSession
 from ingestion_grpc.jobs import messages
 from ingestion_grpc.server import RunningServer
+from tests.support.fake_tenant import tenant_config
 from tests.support.rest import Rest
 from tests.support.services import REDIS_URL
 
@@ -25,22 +28,17 @@ SOURCE_FIELDS = {
     "lastSyncStartedAt",
     "lastSyncStatusMessage",
 }
-ACCEPTED = {"message": "Operation completed successfully."}
-SERVICE_ACCOUNT_KEY = json.dumps(
-    {
-        "type": "service_account",
-        "client_email": "archiver@example-project.iam.gserviceaccount.com",
-        "private_key": (
-            "-----BEGIN PRIVATE KEY-----\nTOP-SECRET-KEY-MATERIAL\n-----END PRIVATE KEY-----\n"
-        ),
-        "token_uri": "https://oauth2.googleapis.com/token",
+
+
+def assert_accepted(client: Rest, source_id: str, response: requests.Response) -> None:
+    """202 with the documented message, and the id of the run it started."""
+    assert response.status_code == 202, response.text
+    runs = client.get(f"/v1/ingestion-sources/{source_id}/sync-sessions").json()["syncSessions"]
+    assert response.json() == {
+        "message": "Operation completed successfully.",
+        "syncSessionId": runs[0]["id"],
     }
-)
-GOOGLE_CONFIG = {
-    "serviceAccountKeyJson": SERVICE_ACCOUNT_KEY,
-    "impersonatedAdminEmail": "admin@corp.example.com",
-}
-M365_CONFIG = {"tenantId": "tenant-1", "clientId": "client-1", "clientSecret": "m365-secret-XYZ"}
+    assert runs[0]["status"] == "running"
 
 
 def queued(namespace: str, source_id: str) -> list[str]:
@@ -61,9 +59,9 @@ def user(make_client: Callable[[str], Rest]) -> Rest:
     return make_client("user")
 
 
-def create(client: Rest, provider: str = "google_workspace", **overrides: object) -> dict:
-    config = {"google_workspace": GOOGLE_CONFIG, "microsoft_365": M365_CONFIG}[provider]
-    body = {"name": "Company Google Workspace", "provider": provider, "providerConfig": config}
+def create(client: Rest, **overrides: object) -> dict:
+    """A source of the test-only tenant provider: CRUD is not about any real provider."""
+    body = {"name": "Company tenant", "provider": "fake_tenant", "providerConfig": tenant_config()}
     body.update(overrides)
     response = client.post("/v1/ingestion-sources", json=body)
     assert response.status_code == 201, response.text
@@ -95,8 +93,8 @@ def test_create_returns_201_with_exactly_the_documented_fields(
 ) -> None:
     source = create(user)
     assert set(source) == SOURCE_FIELDS
-    assert source["name"] == "Company Google Workspace"
-    assert source["provider"] == "google_workspace"
+    assert source["name"] == "Company tenant"
+    assert source["provider"] == "fake_tenant"
     assert source["status"] == "importing"
     assert source["lastSyncStatusMessage"] == "Import queued."
     assert source["lastSyncStartedAt"] >= source["createdAt"]
@@ -110,7 +108,7 @@ def test_list_is_a_bare_array_of_the_callers_sources(
     alice, bob = make_client("user"), make_client("user")
     assert alice.get("/v1/ingestion-sources").json() == []
     first = create(alice, name="first")
-    second = create(alice, provider="microsoft_365", name="second")
+    second = create(alice, name="second")
     theirs = create(bob, name="bob's")
 
     listed = alice.get("/v1/ingestion-sources")
@@ -166,20 +164,26 @@ def test_update_refuses_engine_statuses(user: Rest, status: str) -> None:
     assert response.json()["details"][0]["fieldViolations"][0]["field"] == "status"
 
 
-def test_update_to_another_provider_needs_its_complete_config(user: Rest) -> None:
+def test_update_to_another_provider_needs_its_complete_config(
+    user: Rest, environment: dict[str, str]
+) -> None:
     source = create(user)
     path = f"/v1/ingestion-sources/{source['id']}"
-    missing = user.put(path, json={"provider": "microsoft_365"})
+    missing = user.put(path, json={"provider": "mbox_import"})
     assert missing.status_code == 400
     assert "providerConfig" in missing.json()["message"]
     partial = user.put(
-        path, json={"provider": "microsoft_365", "providerConfig": {"tenantId": "t"}}
+        path, json={"provider": "mbox_import", "providerConfig": {"uploadedFilePath": " "}}
     )
     assert partial.status_code == 400
-    assert "providerConfig.clientId" in partial.json()["message"]
-    changed = user.put(path, json={"provider": "microsoft_365", "providerConfig": M365_CONFIG})
-    assert changed.status_code == 200
-    assert changed.json()["provider"] == "microsoft_365"
+    assert "providerConfig.uploadedFilePath" in partial.json()["message"]
+    imports = Path(environment["DATA_DIR"]) / "imports"
+    imports.mkdir(parents=True, exist_ok=True)
+    (imports / "changed.mbox").write_bytes(b"From a\n\nhello\n")
+    complete = {"localFilePath": "changed.mbox"}
+    changed = user.put(path, json={"provider": "mbox_import", "providerConfig": complete})
+    assert changed.status_code == 200, changed.text
+    assert changed.json()["provider"] == "mbox_import"
 
 
 def test_pause_returns_the_paused_source(user: Rest) -> None:
@@ -196,8 +200,7 @@ def test_import_is_accepted_once_and_queued(
     path = f"/v1/ingestion-sources/{idle_source['id']}/import"
     before = queued(queue_namespace, idle_source["id"])
     accepted = user.post(path)
-    assert accepted.status_code == 202
-    assert accepted.json() == ACCEPTED
+    assert_accepted(user, idle_source["id"], accepted)
     assert user.get(f"/v1/ingestion-sources/{idle_source['id']}").json()["status"] == "importing"
 
     again = user.post(path)
@@ -210,8 +213,7 @@ def test_sync_is_accepted_and_conflicts_while_running_or_paused(
     user: Rest, idle_source: dict, queue_namespace: str
 ) -> None:
     path = f"/v1/ingestion-sources/{idle_source['id']}/sync"
-    accepted = user.post(path)
-    assert (accepted.status_code, accepted.json()) == (202, ACCEPTED)
+    assert_accepted(user, idle_source["id"], user.post(path))
     assert user.get(f"/v1/ingestion-sources/{idle_source['id']}").json()["status"] == "syncing"
     assert messages.SYNC_SOURCE in queued(queue_namespace, idle_source["id"])
     assert user.post(path).status_code == 409

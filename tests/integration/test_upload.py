@@ -175,7 +175,7 @@ def small(
         {**environment, "UPLOAD_ROOT": str(upload_root), "MAX_UPLOAD_BYTES": SMALL_LIMIT}
     )
     assert settings.max_upload_bytes == MIB
-    server = start_server(settings, port=0, admin_email=ADMIN_EMAIL, admin_password=ADMIN_PASSWORD)
+    server = start_server(settings, port=0)
     envoy = start_envoy(server.port, tmp_path_factory.mktemp("small-envoy"))
     try:
         envoy.wait_healthy()

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import pytest
 
-from tests.integration.test_sources_rest import GOOGLE_CONFIG
 from tests.support.rest import Rest
+
+# A key whose shape is right: the requests below fail on other fields first.
+SERVICE_ACCOUNT_KEY = json.dumps(
+    {
+        "type": "service_account",
+        "client_email": "archiver@example-project.iam.gserviceaccount.com",
+        "private_key": (
+            "-----BEGIN PRIVATE KEY-----\nTOP-SECRET-KEY-MATERIAL\n-----END PRIVATE KEY-----\n"
+        ),
+        "token_uri": "https://oauth2.googleapis.com/token",
+    }
+)
+GOOGLE_CONFIG = {
+    "serviceAccountKeyJson": SERVICE_ACCOUNT_KEY,
+    "impersonatedAdminEmail": "admin@corp.example.com",
+}
 
 
 @pytest.fixture

@@ -8,12 +8,14 @@ import contextlib
 import threading
 import time
 from collections.abc import Collection, Iterator, Sequence
+from pathlib import Path
 
 from ingestion_grpc.providers.base import (
     Batch,
     ConcurrencyLimit,
     FetchContext,
     Limit,
+    ProviderEnvironment,
     RateLimit,
 )
 
@@ -72,3 +74,12 @@ class LocalLimiter:
 def local_context(limits: Sequence[Limit] = ()) -> tuple[FetchContext, RememberingArchive]:
     archive = RememberingArchive()
     return FetchContext(archive=archive, limits=LocalLimiter(limits)), archive
+
+
+# For providers that use none of the engine's services (IMAP, files).
+NO_CONTEXT = local_context()[0]
+
+# For providers that read no local files (IMAP): roots nothing may be read from.
+NO_ENVIRONMENT = ProviderEnvironment(
+    import_root=Path("/nonexistent/imports"), upload_root=Path("/nonexistent/uploads")
+)

@@ -13,10 +13,10 @@ import psycopg
 import pytest
 import redis
 
+from ingestion_grpc import bootstrap
 from ingestion_grpc.auth.permissions import Role
 from ingestion_grpc.auth.services import create_user
 from ingestion_grpc.config import Settings
-from ingestion_grpc.jobs.queue import DramatiqJobQueue, redis_broker
 from ingestion_grpc.server import RunningServer, start_server
 from tests.support.rest import Rest, unique_email
 
@@ -70,23 +70,22 @@ def environment(
         "GRPC_PORT": "0",
         # Short, so that tests of crash recovery need not wait minutes.
         "STALE_RUN_AFTER": "3s",
+        "ADMIN_EMAIL": ADMIN_EMAIL,
+        "ADMIN_PASSWORD": ADMIN_PASSWORD,
+        # The test-only tenant provider (tests/support/fake_tenant.py), in the
+        # server of this process and in every worker the tests start.
+        "PROVIDER_PLUGINS": "tests.support.fake_tenant:FakeTenant",
     }
 
 
 @pytest.fixture(scope="session")
 def settings(environment: dict[str, str]) -> Settings:
-    return Settings.from_env(environment)
+    return bootstrap.load_settings(environment)
 
 
 @pytest.fixture(scope="session")
 def grpc_server(settings: Settings) -> Iterator[RunningServer]:
-    running = start_server(
-        settings,
-        port=0,
-        jobs=DramatiqJobQueue(redis_broker(settings.redis_url, settings.queue_namespace)),
-        admin_email=ADMIN_EMAIL,
-        admin_password=ADMIN_PASSWORD,
-    )
+    running = start_server(settings, port=0, jobs=bootstrap.job_queue(settings))
     yield running
     running.stop(grace=1)
 

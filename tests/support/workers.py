@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from ingestion_grpc import bootstrap
 from ingestion_grpc.config import Settings
 from ingestion_grpc.engine.context import EngineContext
-from ingestion_grpc.jobs.queue import DramatiqJobQueue, redis_broker
 from ingestion_grpc.jobs.worker import worker_command, worker_environment
 
 
@@ -77,7 +77,6 @@ def start_worker(environment: dict[str, str], tmp_path: Path) -> Iterator[Callab
 @pytest.fixture(scope="session")
 def engine(settings: Settings) -> Iterator[EngineContext]:
     """The engine as the scheduler sees it, for calling `tick` in a test."""
-    jobs = DramatiqJobQueue(redis_broker(settings.redis_url, settings.queue_namespace))
-    context = EngineContext.from_settings(settings, jobs)
+    context = bootstrap.engine_context(settings, bootstrap.job_queue(settings))
     yield context
     context.database.dispose()

@@ -12,10 +12,14 @@ from ingestion.v1 import ingestion_service_pb2_grpc, resources_pb2
 
 from ingestion_grpc.api.http import HttpStatus, set_http_status
 from ingestion_grpc.api.interceptors import current_principal
-from ingestion_grpc.api.mapping import source_to_proto, sync_session_to_proto
+from ingestion_grpc.api.mapping import (
+    run_mailbox_to_proto,
+    source_to_proto,
+    sync_session_to_proto,
+)
 from ingestion_grpc.db.session import Database
+from ingestion_grpc.domain.lifecycle import RunKind
 from ingestion_grpc.domain.sources import SourceChanges, SourceService
-from ingestion_grpc.domain.states import RunKind
 
 ACCEPTED_MESSAGE = "Operation completed successfully."
 
@@ -112,10 +116,10 @@ class IngestionServicer(ingestion_service_pb2_grpc.IngestionServiceServicer):
         self, source_id: str, kind: RunKind, context: grpc.ServicerContext
     ) -> pb.OperationAcceptedResponse:
         with self._database.unit_of_work() as uow:
-            self._sources.start_run(uow, current_principal(), source_id, kind)
+            run = self._sources.start_run(uow, current_principal(), source_id, kind)
             uow.commit()
         set_http_status(context, HttpStatus.ACCEPTED)
-        return pb.OperationAcceptedResponse(message=ACCEPTED_MESSAGE)
+        return pb.OperationAcceptedResponse(message=ACCEPTED_MESSAGE, sync_session_id=run.id)
 
     def ListSyncSessions(
         self, request: pb.ListSyncSessionsRequest, context: grpc.ServicerContext
@@ -127,4 +131,20 @@ class IngestionServicer(ingestion_service_pb2_grpc.IngestionServiceServicer):
             return pb.ListSyncSessionsResponse(
                 sync_sessions=[sync_session_to_proto(r) for r in runs],
                 next_page_token=next_token,
+            )
+
+    def ListSyncSessionMailboxes(
+        self, request: pb.ListSyncSessionMailboxesRequest, context: grpc.ServicerContext
+    ) -> pb.ListSyncSessionMailboxesResponse:
+        with self._database.unit_of_work() as uow:
+            rows, next_token = self._sources.run_mailboxes(
+                uow,
+                current_principal(),
+                request.id,
+                request.session_id,
+                request.page_size,
+                request.page_token,
+            )
+            return pb.ListSyncSessionMailboxesResponse(
+                mailboxes=[run_mailbox_to_proto(r) for r in rows], next_page_token=next_token
             )

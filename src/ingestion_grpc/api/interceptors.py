@@ -21,7 +21,7 @@ from ingestion.v1 import (
 )
 
 from ingestion_grpc import errors
-from ingestion_grpc.api.status import to_status
+from ingestion_grpc.api.status import http_code, to_status
 from ingestion_grpc.auth import services as auth
 from ingestion_grpc.auth.permissions import Permission, Principal
 from ingestion_grpc.db.session import Database
@@ -68,6 +68,7 @@ METHOD_PERMISSIONS: dict[str, Permission | None] = {
     _method(*_INGESTION, "PauseIngestionSource"): Permission.UPDATE_INGESTION,
     _method(*_INGESTION, "ForceSync"): Permission.SYNC_INGESTION,
     _method(*_INGESTION, "ListSyncSessions"): Permission.READ_INGESTION,
+    _method(*_INGESTION, "ListSyncSessionMailboxes"): Permission.READ_INGESTION,
     _method(*_ARCHIVE, "ListArchivedEmails"): Permission.READ_ARCHIVE,
     _method(*_ARCHIVE, "GetArchivedEmail"): Permission.READ_ARCHIVE,
     _method(*_ARCHIVE, "GetArchivedEmailRaw"): Permission.READ_ARCHIVE,
@@ -105,6 +106,9 @@ def _wrap(
 
 
 def _abort(context: grpc.ServicerContext, error: errors.IngestionError) -> None:
+    code = http_code(error)
+    if code is not None:
+        context.send_initial_metadata((("x-http-code", code),))
     context.abort_with_status(to_status(error))
 
 

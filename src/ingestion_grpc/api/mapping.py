@@ -66,9 +66,27 @@ def sync_session_to_proto(run: models.SyncSession) -> resources_pb2.SyncSession:
         messages_archived=run.messages_archived,
         messages_already_present=run.messages_already_present,
         messages_failed=run.messages_failed,
+        messages_skipped=run.messages_skipped,
+        mailboxes_skipped=run.mailboxes_skipped,
         error_message=run.error_message,
     )
     _set_time(message.finished_at, run.finished_at)
+    return message
+
+
+def run_mailbox_to_proto(row: models.RunMailbox) -> resources_pb2.SyncSessionMailbox:
+    message = resources_pb2.SyncSessionMailbox(
+        mailbox=row.mailbox,
+        display_name=row.display_name or row.mailbox,
+        state=row.state,
+        messages_fetched=row.messages_fetched,
+        messages_archived=row.messages_archived,
+        messages_already_present=row.messages_already_present,
+        messages_skipped=row.messages_skipped,
+        messages_failed=row.messages_failed,
+        error_message=row.error_message,
+    )
+    _set_time(message.updated_at, row.updated_at)
     return message
 
 

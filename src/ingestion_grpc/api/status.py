@@ -11,6 +11,7 @@ from ingestion_grpc import errors
 
 # Over REST, Envoy maps these on: INVALID_ARGUMENT and FAILED_PRECONDITION
 # 400, UNAUTHENTICATED 401, PERMISSION_DENIED 403, NOT_FOUND 404, ABORTED 409,
+# RESOURCE_EXHAUSTED 429 (413 or 507 with `x-http-code`, see `http_code`),
 # UNAVAILABLE 503.
 _CODES: list[tuple[type[errors.IngestionError], int]] = [
     (errors.InvalidArgument, code_pb2.INVALID_ARGUMENT),
@@ -21,7 +22,17 @@ _CODES: list[tuple[type[errors.IngestionError], int]] = [
     (errors.NotFound, code_pb2.NOT_FOUND),
     (errors.Conflict, code_pb2.ABORTED),
     (errors.Unavailable, code_pb2.UNAVAILABLE),
+    (errors.ResourceExhausted, code_pb2.RESOURCE_EXHAUSTED),
 ]
+# The HTTP statuses Envoy's Lua filter may put in place of RESOURCE_EXHAUSTED's 429.
+_NARROWED_HTTP = frozenset({413, 507})
+
+
+def http_code(error: errors.IngestionError) -> str | None:
+    """The `x-http-code` an error's REST answer needs, if any: 413 or 507."""
+    if isinstance(error, errors.ResourceExhausted) and error.http_status in _NARROWED_HTTP:
+        return str(error.http_status)
+    return None
 
 
 def to_status(error: errors.IngestionError) -> grpc.Status:

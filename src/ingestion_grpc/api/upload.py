@@ -19,12 +19,10 @@ from ingestion.v1 import upload_service_pb2_grpc
 
 from ingestion_grpc.api.http import HttpStatus, set_http_status
 from ingestion_grpc.domain.uploads import UploadAbandoned, UploadStore, UploadTooLarge
+from ingestion_grpc.errors import ResourceExhausted
 
-# RESOURCE_EXHAUSTED is 429 over REST; Envoy's Lua filter narrows it to 413
-# (Content Too Large) or 507 (Insufficient Storage: the disk is full) when the
-# server says so in `x-http-code`.
-CONTENT_TOO_LARGE = "413"
-INSUFFICIENT_STORAGE = "507"
+CONTENT_TOO_LARGE = 413
+INSUFFICIENT_STORAGE = 507
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 # An upload holds one of the server's threads (server.py: 32) for as long as
 # the client takes to send it, maybe hours; the rest stay free for the API.
@@ -41,10 +39,7 @@ class UploadServicer(upload_service_pb2_grpc.UploadServiceServicer):
     ) -> pb.UploadFileResponse:
         if not self._slots.acquire(blocking=False):
             # 429 Too Many Requests over REST.
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                "Too many uploads are in progress; try again later.",
-            )
+            raise ResourceExhausted("Too many uploads are in progress; try again later.")
         try:
             file_path = self._receive(request_iterator, context)
         finally:
@@ -63,16 +58,14 @@ class UploadServicer(upload_service_pb2_grpc.UploadServiceServicer):
                 (body.data for body in request_iterator), still_wanted=context.is_active
             )
         except UploadTooLarge as error:
-            context.send_initial_metadata((("x-http-code", CONTENT_TOO_LARGE),))
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+            raise ResourceExhausted(str(error), CONTENT_TOO_LARGE) from None
         except (grpc.RpcError, UploadAbandoned):
             context.abort(grpc.StatusCode.CANCELLED, "The upload was cancelled.")
         except OSError as error:
             if error.errno not in _DISK_FULL:
                 raise
-            context.send_initial_metadata((("x-http-code", INSUFFICIENT_STORAGE),))
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise ResourceExhausted(
                 "The server has no room left to store this upload; nothing was kept.",
-            )
+                INSUFFICIENT_STORAGE,
+            ) from None
         return stored.file_path

@@ -8,16 +8,30 @@ them turns into "already present".
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from sqlalchemy import func, select, text, tuple_
 
 from ingestion_grpc.archive.metadata import parse_metadata
 from ingestion_grpc.db.models import ArchivedEmail, utcnow
 from ingestion_grpc.db.session import UnitOfWork
-from ingestion_grpc.providers.base import FetchedMessage
+
+
+class ArchivableMessage(Protocol):
+    """A message to archive, as the engine hands it over (a provider's FetchedMessage)."""
+
+    @property
+    def raw(self) -> bytes: ...
+
+    @property
+    def folder_paths(self) -> Sequence[str]: ...
+
+    @property
+    def provider_message_id(self) -> str: ...
+
 
 # A whole batch travels as ONE jsonb parameter: binding 500 rows x 14 parameters
 # (an executemany) cost the client more than PostgreSQL spent on the INSERT.
@@ -60,10 +74,10 @@ def record_batch(
     uow: UnitOfWork,
     source_id: str,
     mailbox: str,
-    messages: Sequence[FetchedMessage],
+    messages: Sequence[ArchivableMessage],
     digests: Sequence[str],
 ) -> BatchOutcome:
-    """Insert a row per new message; for known bytes, add the folder path."""
+    """Insert a row per new message; for known bytes, add the folder paths."""
     rows: dict[str, dict[str, object]] = {}
     batch_started = utcnow()
     for message, digest in zip(messages, digests, strict=True):
@@ -71,12 +85,11 @@ def record_batch(
         if row is not None:
             folders = row["folder_paths"]
             assert isinstance(folders, list)
-            if message.folder_path not in folders:
-                folders.append(message.folder_path)
+            folders.extend(p for p in message.folder_paths if p not in folders)
             continue
         meta = parse_metadata(message.raw)
         rows[digest] = {
-            "folder_paths": [message.folder_path],
+            "folder_paths": list(dict.fromkeys(message.folder_paths)),
             "provider_message_id": message.provider_message_id,
             "sha256": digest,
             "size_bytes": len(message.raw),
@@ -103,6 +116,55 @@ def record_batch(
     )
     inserted = sum(1 for (is_new,) in results if is_new)
     return BatchOutcome(archived=inserted, already_present=len(messages) - inserted)
+
+
+# Folder paths merged into rows found by the provider's id, for messages a provider
+# saw again without downloading them; returns the ids it found.
+_ADD_FOLDERS = text(
+    """
+    UPDATE archived_emails AS a
+    SET folder_paths = ARRAY(SELECT DISTINCT unnest(a.folder_paths || r.folder_paths) ORDER BY 1)
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+        AS r(provider_message_id text, folder_paths text[])
+    WHERE a.source_id = :source_id AND a.mailbox = :mailbox
+      AND a.provider_message_id = r.provider_message_id
+    RETURNING a.provider_message_id
+    """
+)
+
+
+def add_folders(
+    uow: UnitOfWork, source_id: str, mailbox: str, folders: Sequence[tuple[str, Sequence[str]]]
+) -> set[str]:
+    """Merge `(provider_message_id, folder_paths)` into archived rows; the ids found."""
+    merged: dict[str, list[str]] = {}
+    for message_id, paths in folders:
+        merged.setdefault(message_id, []).extend(paths)
+    if not merged:
+        return set()
+    rows = [{"provider_message_id": k, "folder_paths": v} for k, v in merged.items()]
+    result = uow.session.execute(
+        _ADD_FOLDERS,
+        {"source_id": source_id, "mailbox": mailbox, "rows": json.dumps(rows, ensure_ascii=False)},
+    )
+    return {found for (found,) in result}
+
+
+def archived_ids(
+    uow: UnitOfWork, source_id: str, mailbox: str, provider_message_ids: Collection[str]
+) -> set[str]:
+    """Those of `provider_message_ids` that the mailbox's archive holds."""
+    if not provider_message_ids:
+        return set()
+    return set(
+        uow.session.scalars(
+            select(ArchivedEmail.provider_message_id).where(
+                ArchivedEmail.source_id == source_id,
+                ArchivedEmail.mailbox == mailbox,
+                ArchivedEmail.provider_message_id.in_(list(provider_message_ids)),
+            )
+        )
+    )
 
 
 def count_for_source(uow: UnitOfWork, source_id: str) -> int:

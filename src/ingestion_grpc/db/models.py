@@ -126,25 +126,43 @@ class SyncSession(Base):
     messages_archived: Mapped[int] = mapped_column(BigInteger, default=0)
     messages_already_present: Mapped[int] = mapped_column(BigInteger, default=0)
     messages_failed: Mapped[int] = mapped_column(BigInteger, default=0)
+    messages_skipped: Mapped[int] = mapped_column(BigInteger, default=0)
+    mailboxes_skipped: Mapped[int] = mapped_column(BigInteger, default=0)
+    # How many of its mailboxes may run at once (the provider's default or the
+    # source's `maxConcurrentMailboxes`), fixed when they are listed.
+    max_concurrent_mailboxes: Mapped[int] = mapped_column(Integer, default=8)
     error_message: Mapped[str] = mapped_column(Text, default="")
 
 
 class RunMailbox(Base):
-    """One mailbox's share of a run: the unit a worker claims."""
+    """One mailbox's share of a run: the unit a worker claims, and its progress."""
 
     __tablename__ = "run_mailboxes"
+    __table_args__ = (Index("ix_run_mailboxes_run_state", "run_id", "state"),)
 
     run_id: Mapped[str] = mapped_column(
         ForeignKey("sync_sessions.id", ondelete="CASCADE"), primary_key=True
     )
+    # The provider's stable id of the mailbox (a user's object id, an IMAP username).
     mailbox: Mapped[str] = mapped_column(Text, primary_key=True)
-    # pending -> running -> done | failed; back to pending when paused or stale.
+    # What an admin reads: an email address, a UPN, a file name.
+    display_name: Mapped[str] = mapped_column(Text, default="")
+    # See domain.lifecycle.MailboxState.
     state: Mapped[str] = mapped_column(String(16))
     # Changes on every claim: a worker whose lease was taken over stops.
     lease: Mapped[str | None] = mapped_column(String(36))
-    enqueued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # When its job was sent; None while it waits for a place under the source's cap.
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Why it failed, or why it was skipped.
     error_message: Mapped[str] = mapped_column(Text, default="")
+    messages_fetched: Mapped[int] = mapped_column(BigInteger, default=0)
+    messages_archived: Mapped[int] = mapped_column(BigInteger, default=0)
+    messages_already_present: Mapped[int] = mapped_column(BigInteger, default=0)
+    messages_skipped: Mapped[int] = mapped_column(BigInteger, default=0)
+    messages_failed: Mapped[int] = mapped_column(BigInteger, default=0)
+    # When it last reported (claimed, a batch archived, ended).
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class MailboxCursor(Base):
@@ -174,6 +192,10 @@ class ArchivedEmail(Base):
         UniqueConstraint("source_id", "mailbox", "sha256", name="uq_archived_emails_content"),
         Index("ix_archived_emails_source_order", "source_id", "archived_at", "id"),
         Index("ix_archived_emails_sha256", "sha256"),
+        # Providers ask which of their message ids a mailbox holds already.
+        Index(
+            "ix_archived_emails_provider_id", "source_id", "mailbox", "provider_message_id"
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)

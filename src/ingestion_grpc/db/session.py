@@ -52,6 +52,10 @@ class UnitOfWork:
         # objects with their loaded values, which the caller may still read.
         self.session.close()
 
+    def fresh(self) -> UnitOfWork:
+        """Another, independent unit of work on the same database (use with `with`)."""
+        return UnitOfWork(self._session_factory)
+
     def after_commit(self, callback: Callable[[], None]) -> None:
         self._after_commit.append(callback)
 

@@ -11,27 +11,24 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, tuple_, update
+from sqlalchemy import select, tuple_
 
 from ingestion_grpc.archive import catalog
 from ingestion_grpc.archive.blobstore import BlobStore
 from ingestion_grpc.auth.permissions import Principal
 from ingestion_grpc.crypto import CredentialCipher
-from ingestion_grpc.db.models import IngestionSource, SyncSession, new_id
+from ingestion_grpc.db.models import IngestionSource, RunMailbox, SyncSession, new_id
 from ingestion_grpc.db.session import Database, UnitOfWork
-from ingestion_grpc.domain import settings
-from ingestion_grpc.domain.paging import decode_token, encode_token, page_size
-from ingestion_grpc.domain.states import (
-    CLIENT_SETTABLE,
-    IDLE,
-    RUN_STATUS,
-    RUNNING,
-    RunKind,
-    SourceStatus,
+from ingestion_grpc.domain import lifecycle, settings
+from ingestion_grpc.domain.lifecycle import JobQueue, RunKind, SourceStatus
+from ingestion_grpc.domain.paging import (
+    decode_name_token,
+    decode_token,
+    encode_name_token,
+    encode_token,
+    page_size,
 )
-from ingestion_grpc.engine.runs import open_or_resume_run, open_run
-from ingestion_grpc.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
-from ingestion_grpc.jobs.queue import JobQueue
+from ingestion_grpc.errors import FailedPrecondition, InvalidArgument, NotFound
 from ingestion_grpc.providers.base import JsonDict, Provider, ProviderEnvironment
 from ingestion_grpc.providers.registry import provider_class
 
@@ -93,7 +90,7 @@ class SourceService:
         uow.session.add(source)
         uow.session.flush()
         log.info("source %s (%s) created by user %s", source_id, provider, principal.user_id)
-        self._start_run(uow, source, RunKind.IMPORT)
+        lifecycle.claim_run(uow, source, RunKind.IMPORT, self._jobs)
         return source
 
     def list_visible(self, uow: UnitOfWork, principal: Principal) -> list[IngestionSource]:
@@ -126,7 +123,7 @@ class SourceService:
             source.provider = provider
             source.sealed_config = self._cipher.seal(config, bound_to=source.id)
         if changes.status is not None:
-            self._set_status(uow, source, changes.status)
+            lifecycle.set_status(uow, source, changes.status, self._jobs)
         uow.session.flush()
         return source
 
@@ -162,6 +159,37 @@ class SourceService:
         runs = runs[:limit]
         return runs, encode_token(runs[-1].started_at, runs[-1].id)
 
+    def run_mailboxes(
+        self,
+        uow: UnitOfWork,
+        principal: Principal,
+        source_id: str,
+        run_id: str,
+        size: int,
+        token: str,
+    ) -> tuple[list[RunMailbox], str]:
+        """The mailboxes of one run with their progress, by display name."""
+        self.get(uow, principal, source_id)
+        run = uow.session.get(SyncSession, run_id)
+        if run is None or run.source_id != source_id:
+            raise NotFound(f"Sync session {run_id} not found.")
+        limit = page_size(size, default=100, maximum=1000)
+        query = select(RunMailbox).where(RunMailbox.run_id == run_id)
+        after = decode_name_token(token)
+        if after is not None:
+            query = query.where(
+                tuple_(RunMailbox.display_name, RunMailbox.mailbox) > tuple_(*after)
+            )
+        rows = list(
+            uow.session.scalars(
+                query.order_by(RunMailbox.display_name, RunMailbox.mailbox).limit(limit + 1)
+            )
+        )
+        if len(rows) <= limit:
+            return rows, ""
+        rows = rows[:limit]
+        return rows, encode_name_token(rows[-1].display_name, rows[-1].mailbox)
+
     def _delete_unreferenced_blobs(self, digests: set[str]) -> None:
         """Blobs shared with another source's rows stay; the rest go."""
         ordered = sorted(digests)
@@ -173,63 +201,24 @@ class SourceService:
 
     def pause(self, uow: UnitOfWork, principal: Principal, source_id: str) -> IngestionSource:
         source = self.get(uow, principal, source_id)
-        source.status = SourceStatus.PAUSED
+        lifecycle.pause(source)
         uow.session.flush()
         return source
 
     def start_run(
         self, uow: UnitOfWork, principal: Principal, source_id: str, kind: RunKind
-    ) -> IngestionSource:
+    ) -> SyncSession:
+        """Claim an import or sync of the source; the run it opened (or continued)."""
         source = self.get(uow, principal, source_id)
         if kind is RunKind.SYNC and not provider_class(source.provider).continuous_sync:
             raise FailedPrecondition(
                 "File sources have no continuous sync: trigger an import to read the file again."
             )
-        self._start_run(uow, source, kind)
-        return source
+        return lifecycle.claim_run(uow, source, kind, self._jobs)
 
     def provider_config(self, source: IngestionSource) -> JsonDict:
         """The decrypted configuration, for the engine. Never for a response."""
         return self._cipher.open(source.sealed_config, bound_to=source.id)
-
-    def _start_run(self, uow: UnitOfWork, source: IngestionSource, kind: RunKind) -> None:
-        previous = SourceStatus(source.status)
-        # One conditional UPDATE: of two concurrent requests only one matches.
-        claimed = uow.session.execute(
-            update(IngestionSource)
-            .where(IngestionSource.id == source.id, IngestionSource.status.in_(IDLE))
-            .values(status=RUN_STATUS[kind], run_requested_at=func.now())
-            .returning(IngestionSource.id)
-            .execution_options(synchronize_session=False)
-        ).first()
-        if claimed is None:
-            uow.session.refresh(source)
-            if source.status == SourceStatus.PAUSED:
-                raise Conflict("The source is paused: resume it before starting a run.")
-            if source.status in RUNNING:
-                raise Conflict("An import or sync is already running for this source.")
-            raise Conflict(f"A run cannot start while the source is {source.status}.")
-        uow.session.refresh(source)
-        open_or_resume_run(uow, source, kind)
-        uow.after_commit(lambda: self._send_or_release(source.id, kind, previous))
-
-    def _send_or_release(self, source_id: str, kind: RunKind, previous: SourceStatus) -> None:
-        try:
-            self._jobs.enqueue_run(source_id, kind)
-        except Exception:
-            # The claim is committed but no worker will ever see it: give the
-            # source back so the caller can retry.
-            with self._database.unit_of_work() as uow:
-                uow.session.execute(
-                    update(IngestionSource)
-                    .where(
-                        IngestionSource.id == source_id,
-                        IngestionSource.status == RUN_STATUS[kind],
-                    )
-                    .values(status=previous)
-                )
-                uow.commit()
-            raise
 
     def _changed_config(
         self, source: IngestionSource, changes: SourceChanges
@@ -245,25 +234,6 @@ class SourceService:
         stored = self.provider_config(source)
         merged = _merge_config(stored, changes.provider_config or {}, cls)
         return provider, cls.validate_config(merged)
-
-    def _set_status(self, uow: UnitOfWork, source: IngestionSource, status: str) -> None:
-        if status not in CLIENT_SETTABLE:
-            raise InvalidArgument(
-                "status",
-                "may only be set to active or paused; other statuses are set by the engine",
-            )
-        if status == SourceStatus.PAUSED or source.status == SourceStatus.ACTIVE:
-            source.status = status
-            return
-        if source.status in RUNNING:
-            raise Conflict("An import or sync is running: pause the source instead.")
-        interrupted = open_run(uow, source.id)
-        source.status = SourceStatus.ACTIVE
-        if interrupted is not None:
-            # Resuming continues the run that the pause interrupted, from the
-            # checkpoints its mailboxes saved.
-            uow.session.flush()
-            self._start_run(uow, source, RunKind(interrupted.kind))
 
 
 def _merge_config(stored: JsonDict, changes: Mapping[str, Any], cls: type[Provider]) -> JsonDict:

@@ -1,12 +1,14 @@
 """One mailbox of a run: fetch, store the bytes, record them, move the cursor.
 
-Per batch, one transaction: the metadata rows, then (once the batch's blobs are
-durable) a check that this worker still holds the mailbox's lease, the new cursor,
-the run's counters and the heartbeat, then COMMIT. The blobs are written in a
-thread while the rows are inserted, and the next batch is read from the provider
-while this one is stored (`read_ahead`), but nothing commits before its bytes are
-durable: the cursor never moves past a message that is not durably archived, and a
-worker killed at any point leaves a cursor from which the next one resumes.
+Per batch, one transaction: the metadata rows (and the folder paths of messages
+the provider only saw again), then (once the batch's blobs are durable) a check
+that this worker still holds the mailbox's lease, the new cursor, the counters of
+the mailbox and of the run, and the heartbeat, then COMMIT. The blobs are written
+in a thread while the rows are inserted, and the next batch is read from the
+provider while this one is stored (`read_ahead`), but nothing commits before its
+bytes are durable: the cursor never moves past a message that is not durably
+archived, and a worker killed at any point leaves a cursor from which the next
+one resumes.
 """
 
 from __future__ import annotations
@@ -14,28 +16,29 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from sqlalchemy import Update, select, update
+from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert
 
 from ingestion_grpc.archive.blobstore import sha256_hex
-from ingestion_grpc.archive.catalog import BatchOutcome, record_batch
-from ingestion_grpc.db.models import (
-    IngestionSource,
-    MailboxCursor,
-    RunMailbox,
-    SyncSession,
-    new_id,
-)
-from ingestion_grpc.db.session import UnitOfWork
-from ingestion_grpc.domain.states import RUN_STATUS, RunKind
+from ingestion_grpc.archive.catalog import BatchOutcome, add_folders, archived_ids, record_batch
+from ingestion_grpc.db.models import IngestionSource, MailboxCursor, RunMailbox, SyncSession
+from ingestion_grpc.db.session import Database, UnitOfWork
+from ingestion_grpc.domain import lifecycle
+from ingestion_grpc.domain.lifecycle import RUN_STATUS, MailboxClaim, MailboxState, RunKind
 from ingestion_grpc.engine.context import EngineContext
 from ingestion_grpc.engine.read_ahead import ReadAhead
-from ingestion_grpc.engine.runs import MailboxState, RunState, finish_if_complete, now
-from ingestion_grpc.errors import IngestionError, ProviderAuthError, ProviderDataError
-from ingestion_grpc.providers.base import Batch, JsonDict, Provider
+from ingestion_grpc.engine.runs import finish_if_complete
+from ingestion_grpc.errors import (
+    IngestionError,
+    MailboxUnavailable,
+    ProviderAuthError,
+    ProviderDataError,
+)
+from ingestion_grpc.providers.base import Batch, FetchContext, JsonDict, Mailbox, Provider
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +47,26 @@ log = logging.getLogger(__name__)
 SLICE_SECONDS = 600.0
 
 
-@dataclass(frozen=True)
-class Claim:
-    run_id: str
-    mailbox: str
-    lease: str
-    source_id: str
-    kind: RunKind
-
-
 class Released(Exception):
     """Raised inside the batch loop when the mailbox must stop for now."""
+
+
+class StaleKnownMessages(Exception):
+    """Raised when a provider reports as known messages the archive does not hold:
+    the batch is not committed, and the retry asks the archive again."""
+
+
+@dataclass(frozen=True)
+class MailboxArchive:
+    """`ArchiveLookup` for one mailbox: what its archive holds, by provider id."""
+
+    database: Database
+    source_id: str
+    mailbox: str
+
+    def archived_ids(self, provider_message_ids: Collection[str]) -> set[str]:
+        with self.database.unit_of_work() as uow:
+            return archived_ids(uow, self.source_id, self.mailbox, provider_message_ids)
 
 
 def ingest_mailbox(ctx: EngineContext, run_id: str, mailbox: str, *, final_attempt: bool) -> None:
@@ -66,6 +78,9 @@ def ingest_mailbox(ctx: EngineContext, run_id: str, mailbox: str, *, final_attem
         _ingest(ctx, claim, provider, cursor)
     except Released:
         pass
+    except MailboxUnavailable as error:
+        log.info("mailbox %s of run %s skipped: %s", claim.display_name, run_id, error)
+        _end(ctx, claim, MailboxState.SKIPPED, str(error))
     except (ProviderAuthError, ProviderDataError) as error:
         _end(ctx, claim, MailboxState.FAILED, str(error))
     except Exception as error:
@@ -75,7 +90,9 @@ def ingest_mailbox(ctx: EngineContext, run_id: str, mailbox: str, *, final_attem
             _end(ctx, claim, MailboxState.FAILED, f"gave up after retries: {message}")
         else:
             log.warning("mailbox %s of run %s: %s; will retry", mailbox, run_id, message)
-            _release(ctx, claim)
+            with ctx.database.unit_of_work() as uow:
+                lifecycle.release_mailbox(uow, claim, pause_run=False)
+                uow.commit()
             raise
     else:
         _end(ctx, claim, MailboxState.DONE, "")
@@ -94,70 +111,60 @@ def _describe(error: Exception) -> str:
 
 def _claim(
     ctx: EngineContext, run_id: str, mailbox: str
-) -> tuple[Claim, Provider, JsonDict | None] | None:
-    lease = new_id()
+) -> tuple[MailboxClaim, Provider, JsonDict | None] | None:
     with ctx.database.unit_of_work() as uow:
-        stale_before = now() - ctx.stale_after
-        claimed = uow.session.execute(
-            update(RunMailbox)
-            .where(
-                RunMailbox.run_id == run_id,
-                RunMailbox.mailbox == mailbox,
-                (RunMailbox.state == MailboxState.PENDING)
-                | (
-                    (RunMailbox.state == MailboxState.RUNNING)
-                    & (RunMailbox.heartbeat_at < stale_before)
-                ),
-            )
-            .values(state=MailboxState.RUNNING, lease=lease, heartbeat_at=now())
-            .returning(RunMailbox.run_id)
-        ).first()
-        if claimed is None:
-            return None  # done already, or another worker holds it
-        run = uow.session.get(SyncSession, run_id)
-        source = uow.session.get(IngestionSource, run.source_id) if run else None
-        if run is None or source is None:
-            return None
-        kind = RunKind(run.kind)
-        claim = Claim(run_id, mailbox, lease, source.id, kind)
-        if source.status != RUN_STATUS[kind]:
-            _release_in(uow, claim, pause_run=True)
+        claim = lifecycle.claim_mailbox(uow, run_id, mailbox, ctx.stale_after)
+        if claim is None:
             uow.commit()
             return None
+        source = uow.session.get(IngestionSource, claim.source_id)
+        assert source is not None
         stored = uow.session.get(MailboxCursor, (source.id, mailbox))
-        if stored is not None and kind is RunKind.IMPORT and stored.updated_at < run.started_at:
+        if (
+            stored is not None
+            and claim.kind is RunKind.IMPORT
+            and stored.updated_at < claim.run_started_at
+        ):
             # An import reads everything again (the archive keeps each message
-            # once); only checkpoints of this very run, after a pause or a
-            # crash, let it skip ahead.
+            # once, and providers skip downloads of what it holds); only
+            # checkpoints of this very run, after a pause or a crash, let it
+            # skip ahead.
             stored = None
         provider = ctx.provider_for(source)
         uow.commit()
     return claim, provider, stored.cursor if stored else None
 
 
-def _ingest(ctx: EngineContext, claim: Claim, provider: Provider, cursor: JsonDict | None) -> None:
+def _ingest(
+    ctx: EngineContext, claim: MailboxClaim, provider: Provider, cursor: JsonDict | None
+) -> None:
     started = time.monotonic()
-    reader = ReadAhead(provider.fetch(claim.mailbox, cursor), name=f"read {claim.mailbox}")
+    context = FetchContext(
+        archive=MailboxArchive(ctx.database, claim.source_id, claim.mailbox), limits=ctx.limits
+    )
+    fetch = provider.fetch(Mailbox(claim.mailbox, claim.display_name), cursor, context)
+    reader = ReadAhead(fetch, name=f"read {claim.mailbox}")
     with reader as batches, ThreadPoolExecutor(1, thread_name_prefix="blobs") as blob_writer:
         for batch in batches:
             raws = [m.raw for m in batch.messages]
-            blobs_stored = blob_writer.submit(ctx.blobs.put_many, raws)
+            blobs_stored = blob_writer.submit(ctx.blobs.put_many, raws) if raws else None
             with ctx.database.unit_of_work() as uow:
                 # The rows are written while the blobs are, but committed only
                 # once every blob is durable.
                 outcome = record_batch(
                     uow, claim.source_id, claim.mailbox, batch.messages, _digests(raws)
                 )
-                blobs_stored.result()
-                source_status = _advance(uow, claim, batch, outcome)
+                seen_again = _merge_known(uow, claim, batch)
+                if blobs_stored is not None:
+                    blobs_stored.result()
+                source_status = _advance(uow, claim, batch, outcome, seen_again)
                 if source_status != RUN_STATUS[claim.kind]:
                     # Paused (or deleted): this batch is saved; stop here.
-                    _release_in(uow, claim, pause_run=True)
+                    lifecycle.release_mailbox(uow, claim, pause_run=True)
                     uow.commit()
                     raise Released
                 if time.monotonic() - started > SLICE_SECONDS:
-                    _release_in(uow, claim, pause_run=False)
-                    uow.after_commit(lambda: ctx.jobs.enqueue_mailbox(claim.run_id, claim.mailbox))
+                    lifecycle.release_mailbox(uow, claim, pause_run=False, requeue=ctx.jobs)
                     uow.commit()
                     raise Released
                 uow.commit()
@@ -170,16 +177,45 @@ def _digests(raws: list[bytes]) -> list[str]:
     return [sha256_hex(raw) for raw in raws]
 
 
-def _advance(uow: UnitOfWork, claim: Claim, batch: Batch, outcome: BatchOutcome) -> str | None:
+def _merge_known(uow: UnitOfWork, claim: MailboxClaim, batch: Batch) -> int:
+    """Add the folder paths of messages seen again; how many there were."""
+    if not batch.known:
+        return 0
+    folders = [(k.provider_message_id, k.folder_paths) for k in batch.known]
+    found = add_folders(uow, claim.source_id, claim.mailbox, folders)
+    missing = {k.provider_message_id for k in batch.known} - found
+    if missing:
+        # Never move the cursor past a message that is in no archive.
+        raise StaleKnownMessages(
+            f"{len(missing)} message(s) reported as archived are not in the archive"
+        )
+    return len(batch.known)
+
+
+def _advance(
+    uow: UnitOfWork, claim: MailboxClaim, batch: Batch, outcome: BatchOutcome, seen_again: int
+) -> str | None:
     """Move the cursor and the counters past a recorded batch; the source's status after.
 
     Done last in the transaction: these rows are shared with the scheduler and
     the API, so they stay locked only for the moment before COMMIT.
     """
+    fetched = len(batch.messages)
+    present = outcome.already_present + seen_again
+    skipped = len(batch.skipped)
+    failed = len(batch.failed)
     still_ours = uow.session.execute(
-        _held(claim)
+        lifecycle.held(claim)
         .where(RunMailbox.state == MailboxState.RUNNING)
-        .values(heartbeat_at=now())
+        .values(
+            heartbeat_at=lifecycle.now(),
+            updated_at=lifecycle.now(),
+            messages_fetched=RunMailbox.messages_fetched + fetched,
+            messages_archived=RunMailbox.messages_archived + outcome.archived,
+            messages_already_present=RunMailbox.messages_already_present + present,
+            messages_skipped=RunMailbox.messages_skipped + skipped,
+            messages_failed=RunMailbox.messages_failed + failed,
+        )
         .returning(RunMailbox.run_id)
     ).first()
     if still_ours is None:
@@ -190,17 +226,19 @@ def _advance(uow: UnitOfWork, claim: Claim, batch: Batch, outcome: BatchOutcome)
         .values(source_id=claim.source_id, mailbox=claim.mailbox, cursor=batch.cursor)
         .on_conflict_do_update(
             index_elements=["source_id", "mailbox"],
-            set_={"cursor": batch.cursor, "updated_at": now()},
+            set_={"cursor": batch.cursor, "updated_at": lifecycle.now()},
         )
     )
     uow.session.execute(
         update(SyncSession)
         .where(SyncSession.id == claim.run_id)
         .values(
-            messages_fetched=SyncSession.messages_fetched + len(batch.messages),
+            messages_fetched=SyncSession.messages_fetched + fetched,
             messages_archived=SyncSession.messages_archived + outcome.archived,
-            messages_already_present=SyncSession.messages_already_present + outcome.already_present,
-            heartbeat_at=now(),
+            messages_already_present=SyncSession.messages_already_present + present,
+            messages_skipped=SyncSession.messages_skipped + skipped,
+            messages_failed=SyncSession.messages_failed + failed,
+            heartbeat_at=lifecycle.now(),
         )
     )
     return uow.session.scalar(
@@ -208,37 +246,7 @@ def _advance(uow: UnitOfWork, claim: Claim, batch: Batch, outcome: BatchOutcome)
     )
 
 
-def _held(claim: Claim) -> Update:
-    """An UPDATE of the claimed mailbox row that matches only while the lease holds."""
-    return update(RunMailbox).where(
-        RunMailbox.run_id == claim.run_id,
-        RunMailbox.mailbox == claim.mailbox,
-        RunMailbox.lease == claim.lease,
-    )
-
-
-def _release_in(uow: UnitOfWork, claim: Claim, *, pause_run: bool) -> None:
-    """Hand the mailbox back (pending) if this worker still holds it."""
-    uow.session.execute(
-        _held(claim).values(state=MailboxState.PENDING, lease=None, enqueued_at=now())
-    )
-    if pause_run:
-        uow.session.execute(
-            update(SyncSession)
-            .where(SyncSession.id == claim.run_id, SyncSession.status == RunState.RUNNING)
-            .values(status=RunState.PAUSED)
-        )
-
-
-def _release(ctx: EngineContext, claim: Claim) -> None:
+def _end(ctx: EngineContext, claim: MailboxClaim, state: MailboxState, reason: str) -> None:
     with ctx.database.unit_of_work() as uow:
-        _release_in(uow, claim, pause_run=False)
-        uow.commit()
-
-
-def _end(ctx: EngineContext, claim: Claim, state: str, error: str) -> None:
-    with ctx.database.unit_of_work() as uow:
-        uow.session.execute(
-            _held(claim).values(state=state, lease=None, error_message=error, heartbeat_at=now())
-        )
+        lifecycle.end_mailbox(uow, claim, state, reason, ctx.jobs)
         uow.commit()

@@ -2,31 +2,28 @@
 
 Thin on purpose: each takes plain ids and calls the engine. Delivery is at
 least once, so every engine entry point is idempotent (claims in PostgreSQL,
-unique constraints on the archive). The broker comes from REDIS_URL and
-QUEUE_NAMESPACE when this module is imported, as Dramatiq's CLI expects.
+unique constraints on the archive). Settings are read (and the broker made)
+when this module is imported, as Dramatiq's CLI expects; a bad setting stops
+the worker with a line naming it.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from functools import cache
 from typing import Any
 
 import dramatiq
 from dramatiq.middleware import CurrentMessage
 
-from ingestion_grpc.config import Settings
-from ingestion_grpc.domain.states import RunKind
+from ingestion_grpc import bootstrap
+from ingestion_grpc.domain.lifecycle import RunKind
 from ingestion_grpc.engine import mailboxes, runs
 from ingestion_grpc.engine.context import EngineContext
 from ingestion_grpc.jobs import messages
 from ingestion_grpc.jobs.queue import DramatiqJobQueue, redis_broker
 
-logging.basicConfig(
-    level=os.environ.get("LOG_LEVEL", "INFO"),
-    format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-)
+settings = bootstrap.settings_or_exit()
+bootstrap.configure_logging(settings)
 
 MAX_RETRIES = 5
 # Transient failures (a server down, a dropped connection) back off from 5 s
@@ -41,10 +38,7 @@ RETRY_OPTIONS: dict[str, Any] = {
     "time_limit": 3_600_000,
 }
 
-broker = redis_broker(
-    os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
-    os.environ.get("QUEUE_NAMESPACE", "dramatiq"),
-)
+broker = redis_broker(settings.redis_url, settings.queue_namespace)
 broker.add_middleware(CurrentMessage())
 dramatiq.set_broker(broker)
 
@@ -52,7 +46,7 @@ dramatiq.set_broker(broker)
 @cache
 def engine() -> EngineContext:
     """One context per worker process, built on first use."""
-    return EngineContext.from_settings(Settings.from_env(), DramatiqJobQueue(broker))
+    return bootstrap.engine_context(settings, DramatiqJobQueue(broker))
 
 
 def final_attempt() -> bool:

@@ -1,11 +1,11 @@
-"""The job queue the domain sends runs to."""
+"""The job queue the domain sends runs to: Dramatiq on Redis."""
 
 from __future__ import annotations
 
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 
-from ingestion_grpc.domain.states import RunKind
+from ingestion_grpc.domain.lifecycle import JobQueue, RunKind
 from ingestion_grpc.errors import Unavailable
 from ingestion_grpc.jobs import messages
 
@@ -14,24 +14,6 @@ _ACTOR_FOR_RUN = {RunKind.IMPORT: messages.IMPORT_SOURCE, RunKind.SYNC: messages
 
 def redis_broker(redis_url: str, namespace: str = "dramatiq") -> RedisBroker:
     return RedisBroker(url=redis_url, namespace=namespace)  # type: ignore[no-untyped-call]
-
-
-class JobQueue:
-    """Interface: queue a run of a source. Implementations name their backend."""
-
-    def enqueue_run(self, source_id: str, kind: RunKind) -> None:
-        raise NotImplementedError
-
-    def enqueue_mailbox(self, run_id: str, mailbox: str) -> None:
-        raise NotImplementedError
-
-    def backlog(self) -> int:
-        """How many jobs wait to be picked up (delayed retries included)."""
-        raise NotImplementedError
-
-    def ping(self) -> None:
-        """Raise Unavailable if the queue cannot take jobs now."""
-        raise NotImplementedError
 
 
 class DramatiqJobQueue(JobQueue):

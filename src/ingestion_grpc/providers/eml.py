@@ -56,7 +56,7 @@ class EmlImport(FileImport):
     def __init__(
         self,
         config: Mapping[str, Any],
-        environment: ProviderEnvironment | None = None,
+        environment: ProviderEnvironment,
         **limits: int,
     ) -> None:
         super().__init__(config, environment, **limits)
@@ -135,7 +135,7 @@ class EmlImport(FileImport):
                     "size": size,
                     "skipped": self.skipped,
                 }
-                yield FetchedMessage(raw, folder, ids[index]), after
+                yield FetchedMessage(raw, (folder,), ids[index]), after
 
     def _guard_zip(
         self, entries: list[zipfile.ZipInfo], plan: list[tuple[str | None, str | None]]
@@ -190,7 +190,7 @@ class EmlImport(FileImport):
             if raw is None:
                 continue
             after = {"index": index + 1, "name": name, "skipped": self.skipped}
-            yield FetchedMessage(raw, name.rpartition("/")[0], name), after
+            yield FetchedMessage(raw, (name.rpartition("/")[0],), name), after
 
     def _read_folder_entry(self, source: SourcePath, name: str, relative: str) -> bytes | None:
         """The file's bytes, or None when it is skipped (and counted)."""

@@ -42,8 +42,10 @@ from ingestion_grpc.errors import InvalidArgument, ProviderDataError
 from ingestion_grpc.providers.base import (
     Batch,
     ConfigField,
+    FetchContext,
     FetchedMessage,
     JsonDict,
+    Mailbox,
     Provider,
     ProviderEnvironment,
 )
@@ -94,7 +96,7 @@ class FileImport(Provider):
     def __init__(
         self,
         config: Mapping[str, Any],
-        environment: ProviderEnvironment | None = None,
+        environment: ProviderEnvironment,
         **limits: int,
     ) -> None:
         super().__init__(config, environment)
@@ -130,14 +132,17 @@ class FileImport(Provider):
         self.check_format(source)
         logger.info("%s check passed: %s", self.name, source.given)
 
-    def list_mailboxes(self) -> list[str]:
+    def list_mailboxes(self) -> list[Mailbox]:
         """One mailbox: the base name of the file (or folder)."""
-        return [base_name(self.source())]
+        name = base_name(self.source())
+        return [Mailbox(name, name)]
 
-    def fetch(self, mailbox: str, cursor: JsonDict | None) -> Iterator[Batch]:
+    def fetch(
+        self, mailbox: Mailbox, cursor: JsonDict | None, context: FetchContext
+    ) -> Iterator[Batch]:
         source = self.source()
-        expected = self.list_mailboxes()[0]
-        if mailbox != expected:
+        expected = self.list_mailboxes()[0].id
+        if mailbox.id != expected:
             raise InvalidArgument("mailbox", f"is not a mailbox of this source (it has {expected})")
         self.check_format(source)
         return _batched(

@@ -30,7 +30,15 @@ from imapclient.exceptions import LoginError
 from imapclient.imapclient import SocketTimeout
 
 from ingestion_grpc.errors import ConnectionCheckFailed, InvalidArgument, ProviderAuthError
-from ingestion_grpc.providers.base import Batch, ConfigField, JsonDict, Provider
+from ingestion_grpc.providers.base import (
+    Batch,
+    ConfigField,
+    FetchContext,
+    JsonDict,
+    Mailbox,
+    Provider,
+    check_patterns,
+)
 from ingestion_grpc.providers.imap_fetch import fetch_mailbox
 
 logger = logging.getLogger(__name__)
@@ -82,14 +90,7 @@ class GenericImap(Provider):
                     f"providerConfig.{name}", "must not contain line breaks or NUL characters"
                 )
         config.setdefault("allowInsecureCert", False)
-        for name in ("includeFolders", "excludeFolders"):
-            for index, pattern in enumerate(config.get(name) or ()):
-                if not isinstance(pattern, str) or not pattern.strip():
-                    raise InvalidArgument(
-                        f"providerConfig.{name}",
-                        f"item {index} must be a non-empty string (a folder name or a glob "
-                        'pattern such as "Archive/*")',
-                    )
+        check_patterns(config, "includeFolders", "excludeFolders")
 
     def check_connection(self) -> None:
         """Log in for real, then log out; raise ConnectionCheckFailed saying what failed."""
@@ -101,17 +102,20 @@ class GenericImap(Provider):
             _where(self.config),
         )
 
-    def list_mailboxes(self) -> list[str]:
+    def list_mailboxes(self) -> list[Mailbox]:
         """One IMAP account is one mailbox, named by its username."""
-        return [str(self.config["username"])]
+        username = str(self.config["username"])
+        return [Mailbox(username, username)]
 
-    def fetch(self, mailbox: str, cursor: JsonDict | None) -> Iterator[Batch]:
+    def fetch(
+        self, mailbox: Mailbox, cursor: JsonDict | None, context: FetchContext
+    ) -> Iterator[Batch]:
         """Every selectable folder's messages after `cursor` (see `imap_fetch`).
 
         Raises ProviderAuthError when the login is refused, ProviderUnavailable when
         the server cannot be reached or keeps dropping the connection.
         """
-        if mailbox != self.config["username"]:
+        if mailbox.id != self.config["username"]:
             raise InvalidArgument(
                 "mailbox", f"a {self.name} source has only the mailbox named by its username"
             )

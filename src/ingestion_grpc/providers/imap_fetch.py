@@ -293,7 +293,7 @@ def _bodies(
             messages.append(
                 FetchedMessage(
                     raw=raw,
-                    folder_path=folder.path,
+                    folder_paths=(folder.path,),
                     provider_message_id=f"{folder.path}:{uidvalidity}:{uid}",
                 )
             )

@@ -6,7 +6,7 @@ A folder has three names:
   UTF-7), which is what SELECT gets back: no decode/encode round trip can change it;
 - `name`: the decoded name with the server's own delimiter, unique on the server;
   it keys the folder's entry in the cursor;
-- `path`: the decoded name with the delimiter shown as "/" (`folder_path` of every
+- `path`: the decoded name with the delimiter shown as "/" (the folder path of every
   message, and what `includeFolders` / `excludeFolders` match).
 
 The cursor is plain JSON::
@@ -150,7 +150,7 @@ def _decode_modified_utf7(data: bytes) -> str:
 def _warn_on_shared_paths(folders: Sequence[Folder]) -> None:
     # Two server names share a path only if one holds a "/" while the server's
     # delimiter is another character. Both are read (their cursor entries differ);
-    # only their folder_path looks the same.
+    # only their folder paths look the same.
     for before, after in itertools.pairwise(folders):
         if before.path == after.path:
             logger.warning(

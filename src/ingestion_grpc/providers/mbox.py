@@ -69,7 +69,7 @@ class MboxImport(FileImport):
             ):
                 count += 1
                 after = {"offset": following, "count": count, "size": size}
-                yield FetchedMessage(raw, folder, str(offset)), after
+                yield FetchedMessage(raw, (folder,), str(offset)), after
 
 
 class _NotMbox(Exception):

@@ -133,7 +133,7 @@ def read_pst(
                     ) from None
                 count += 1
                 yield (
-                    FetchedMessage(raw, folder_path, message_id),
+                    FetchedMessage(raw, (folder_path,), message_id),
                     {"count": count, "last": message_id, "size": size},
                 )
         if skip > count:

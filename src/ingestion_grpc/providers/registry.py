@@ -17,6 +17,11 @@ PROVIDERS: dict[str, type[Provider]] = {
 }
 
 
+def register(cls: type[Provider]) -> None:
+    """Add a provider (a plug-in named by PROVIDER_PLUGINS) under its `name`."""
+    PROVIDERS[cls.name] = cls
+
+
 def provider_class(name: str, field: str = "provider") -> type[Provider]:
     """The class for `name`, or InvalidArgument naming `field`."""
     try:

@@ -308,11 +308,3 @@ def test_a_file_import_path_must_not_be_blank(cls: type[FileImport], name: str) 
     error = invalid(cls, {name: " "})
     assert error.field == f"providerConfig.{name}"
     assert error.description == "must not be empty"
-
-
-# --- checks that do nothing yet -------------------------------------------------------
-
-
-@pytest.mark.parametrize("cls", [GoogleWorkspace, Microsoft365], ids=lambda c: c.name)
-def test_structure_only_providers_have_a_no_op_connection_check(cls: type[Provider]) -> None:
-    cls(cls.validate_config(VALID[cls])).check_connection()

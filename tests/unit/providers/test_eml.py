@@ -13,8 +13,15 @@ from pathlib import Path
 import pytest
 
 from ingestion_grpc.errors import InvalidArgument, ProviderDataError
-from ingestion_grpc.providers.base import Batch, FetchedMessage, JsonDict, ProviderEnvironment
+from ingestion_grpc.providers.base import (
+    Batch,
+    FetchedMessage,
+    JsonDict,
+    Mailbox,
+    ProviderEnvironment,
+)
 from ingestion_grpc.providers.eml import EmlImport
+from tests.support.fetch_context import NO_CONTEXT
 
 CORPORA = Path(__file__).resolve().parents[3].parent / "shared" / "corpora"
 HAM = CORPORA / "spamassassin-easy-ham-1.mbox"
@@ -46,7 +53,7 @@ def write_zip(path: Path, entries: list[tuple[str, bytes]]) -> Path:
 def fetch_all(
     provider: EmlImport, cursor: JsonDict | None = None
 ) -> tuple[list[Batch], list[FetchedMessage]]:
-    batches = list(provider.fetch(provider.list_mailboxes()[0], cursor))
+    batches = list(provider.fetch(provider.list_mailboxes()[0], cursor, NO_CONTEXT))
     return batches, [m for b in batches for m in b.messages]
 
 
@@ -66,7 +73,7 @@ def test_the_ham_messages_zipped_as_eml_come_back_byte_for_byte(
 
     provider = eml(env, {"localFilePath": "mail.zip"})
     assert provider.continuous_sync is False
-    assert provider.list_mailboxes() == ["mail.zip"]
+    assert provider.list_mailboxes() == [Mailbox("mail.zip", "mail.zip")]
     batches, messages = fetch_all(provider)
 
     assert len(messages) == 2500
@@ -74,8 +81,8 @@ def test_the_ham_messages_zipped_as_eml_come_back_byte_for_byte(
     assert [m.provider_message_id for m in messages] == [name for name, _ in expected]
     for message, (name, index) in zip(messages, expected, strict=True):
         assert message.raw == ham[index]
-        assert message.folder_path == name.rpartition("/")[0]
-    assert {m.folder_path for m in messages} == set(FOLDERS)
+        assert message.folder_paths[0] == name.rpartition("/")[0]
+    assert {m.folder_paths[0] for m in messages} == set(FOLDERS)
     assert provider.skipped == 1  # README.txt; folders are not counted
     assert all(len(b.messages) <= 500 for b in batches)
 
@@ -116,7 +123,7 @@ def test_entries_that_climb_out_of_the_archive_are_skipped_counted_and_logged(
     provider = eml(env, {"localFilePath": "evil.zip"})
     with caplog.at_level(logging.WARNING):
         _, messages = fetch_all(provider)
-    assert [(m.provider_message_id, m.folder_path, m.raw) for m in messages] == [
+    assert [(m.provider_message_id, m.folder_paths[0], m.raw) for m in messages] == [
         ("good.eml", "", b"Subject: good\r\n\r\nbody\r\n")
     ]
     assert provider.skipped == 6
@@ -132,7 +139,7 @@ def test_a_zip_bomb_entry_is_refused_before_anything_is_imported(
     write_zip(import_root / "bomb.zip", [("a.eml", b"Subject: a\r\n\r\n"), ("b.eml", bomb)])
     provider = eml(env, {"localFilePath": "bomb.zip"})
     with pytest.raises(ProviderDataError, match="zip bomb") as caught:
-        next(iter(provider.fetch("bomb.zip", None)))
+        next(iter(provider.fetch(Mailbox("bomb.zip", "bomb.zip"), None, NO_CONTEXT)))
     assert "b.eml" in str(caught.value)
     # under the ratio threshold (a small entry), the same ratio is fine
     small = eml(env, {"localFilePath": "bomb.zip"}, ratio_min_bytes=4 * 1024 * 1024)
@@ -193,14 +200,14 @@ def test_a_folder_of_eml_files_is_walked_in_sorted_order(
     (top / "Inbox" / "inside.eml").symlink_to(top / "0000.eml")
 
     provider = eml(env, {"localFilePath": "export"}, batch_messages=7)
-    assert provider.list_mailboxes() == ["export"]
+    assert provider.list_mailboxes() == [Mailbox("export", "export")]
     batches, messages = fetch_all(provider)
     expected = sorted([*(entry_name(i) for i in range(30)), "Inbox/inside.eml"])
     assert [m.provider_message_id for m in messages] == expected
     by_name = {entry_name(i): ham[i] for i in range(30)} | {"Inbox/inside.eml": ham[0]}
     for message in messages:
         assert message.raw == by_name[message.provider_message_id]
-        assert message.folder_path == message.provider_message_id.rpartition("/")[0]
+        assert message.folder_paths[0] == message.provider_message_id.rpartition("/")[0]
     # notes.txt, empty.eml, the escaping link, the linked folder
     assert provider.skipped == 4
 

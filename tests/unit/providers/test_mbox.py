@@ -16,12 +16,19 @@ from pathlib import Path
 import pytest
 
 from ingestion_grpc.errors import InvalidArgument, ProviderDataError
-from ingestion_grpc.providers.base import Batch, FetchedMessage, JsonDict, ProviderEnvironment
+from ingestion_grpc.providers.base import (
+    Batch,
+    FetchedMessage,
+    JsonDict,
+    Mailbox,
+    ProviderEnvironment,
+)
 from ingestion_grpc.providers.eml import EmlImport
 from ingestion_grpc.providers.files import MAX_BATCH_BYTES, MAX_BATCH_MESSAGES
 from ingestion_grpc.providers.mbox import MboxImport
 from ingestion_grpc.providers.pst import PstImport
 from ingestion_grpc.providers.registry import provider_class
+from tests.support.fetch_context import NO_CONTEXT, NO_ENVIRONMENT
 
 CORPORA = Path(__file__).resolve().parents[3].parent / "shared" / "corpora"
 HAM = CORPORA / "spamassassin-easy-ham-1.mbox"
@@ -39,7 +46,7 @@ def cpython_messages(path: Path) -> list[bytes]:
 def fetch_all(
     provider: MboxImport, cursor: JsonDict | None = None
 ) -> tuple[list[Batch], list[FetchedMessage]]:
-    batches = list(provider.fetch(provider.list_mailboxes()[0], cursor))
+    batches = list(provider.fetch(provider.list_mailboxes()[0], cursor, NO_CONTEXT))
     return batches, [m for b in batches for m in b.messages]
 
 
@@ -65,7 +72,7 @@ def test_the_ham_mbox_is_archived_byte_for_byte(corpora: ProviderEnvironment) ->
     provider = MboxImport(MboxImport.validate_config({"localFilePath": HAM.name}), corpora)
     provider.check_connection()
     assert provider.continuous_sync is False
-    assert provider.list_mailboxes() == [HAM.name]
+    assert provider.list_mailboxes() == [Mailbox(HAM.name, HAM.name)]
 
     started = time.perf_counter()
     batches, messages = fetch_all(provider)
@@ -81,7 +88,7 @@ def test_the_ham_mbox_is_archived_byte_for_byte(corpora: ProviderEnvironment) ->
     assert len(messages) == 2500
     for got, want in zip(messages, expected, strict=True):
         assert got.raw == want
-    assert {m.folder_path for m in messages} == {HAM.name}
+    assert {m.folder_paths[0] for m in messages} == {HAM.name}
 
     # ids are the offsets of the From lines: stable, unique, increasing
     offsets = [int(m.provider_message_id) for m in messages]
@@ -241,7 +248,7 @@ def test_a_file_that_is_not_an_mbox_is_refused(
     assert caught.value.field == "providerConfig.localFilePath"
     assert "is not an mbox file" in caught.value.description
     with pytest.raises(InvalidArgument):
-        list(provider.fetch("x.mbox", None))
+        list(provider.fetch(Mailbox("x.mbox", "x.mbox"), None, NO_CONTEXT))
 
 
 def test_a_message_over_the_size_limit_stops_the_import(env: ProviderEnvironment) -> None:
@@ -255,7 +262,7 @@ def test_a_file_changed_under_the_import_is_refused(
     env: ProviderEnvironment, import_root: Path
 ) -> None:
     provider = mbox_in(env, b"From a\n\none\n\nFrom b\n\ntwo\n", batch_messages=1)
-    first = next(iter(provider.fetch("test.mbox", None)))
+    first = next(iter(provider.fetch(Mailbox("test.mbox", "test.mbox"), None, NO_CONTEXT)))
     (import_root / "test.mbox").write_bytes(b"From a\n\none!\n\nFrom b\n\ntwo\n")
     with pytest.raises(ProviderDataError, match="changed"):
         fetch_all(provider, first.cursor)
@@ -268,22 +275,11 @@ def test_a_file_changed_under_the_import_is_refused(
 def test_fetch_refuses_an_unknown_mailbox(env: ProviderEnvironment) -> None:
     provider = mbox_in(env, b"From a\n\n")
     with pytest.raises(InvalidArgument) as caught:
-        list(provider.fetch("other.mbox", None))
+        list(provider.fetch(Mailbox("other.mbox", "other.mbox"), None, NO_CONTEXT))
     assert caught.value.field == "mailbox"
 
 
 # --- path rules (shared by every file import) -----------------------------------------
-
-
-def test_the_roots_default_to_the_data_dir(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    assert ProviderEnvironment.from_env({"DATA_DIR": str(data)}) == ProviderEnvironment(
-        import_root=data / "imports", upload_root=data / "uploads"
-    )
-    given = {"DATA_DIR": str(data), "IMPORT_ROOT": "/srv/in", "UPLOAD_ROOT": "/srv/up"}
-    assert ProviderEnvironment.from_env(given) == ProviderEnvironment(
-        import_root=Path("/srv/in"), upload_root=Path("/srv/up")
-    )
 
 
 def refused(
@@ -330,7 +326,7 @@ def test_a_symlink_that_escapes_the_root_is_refused(
     assert "symbolic link" in refused(env, MboxImport, localFilePath="dir-link/secret.mbox")
     provider = MboxImport({"localFilePath": "link.mbox"}, env)
     with pytest.raises(InvalidArgument):
-        list(provider.fetch("link.mbox", None))
+        list(provider.fetch(Mailbox("link.mbox", "link.mbox"), None, NO_CONTEXT))
 
 
 def test_a_symlink_inside_the_root_is_followed(env: ProviderEnvironment, import_root: Path) -> None:
@@ -339,10 +335,10 @@ def test_a_symlink_inside_the_root_is_followed(env: ProviderEnvironment, import_
     (import_root / "sub" / "link.mbox").symlink_to(import_root / "real.mbox")
     provider = MboxImport({"localFilePath": "sub/link.mbox"}, env)
     provider.check_connection()
-    assert provider.list_mailboxes() == ["link.mbox"]
+    assert provider.list_mailboxes() == [Mailbox("link.mbox", "link.mbox")]
     messages = fetch_all(provider)[1]
     assert [m.raw for m in messages] == [b"Subject: hi\n\nhello\n"]
-    assert [m.folder_path for m in messages] == ["link.mbox"]  # the mailbox's name
+    assert [m.folder_paths[0] for m in messages] == ["link.mbox"]  # the mailbox's name
 
 
 def test_missing_and_unsuitable_paths_are_explained(
@@ -432,7 +428,7 @@ def test_only_what_the_upload_endpoint_stored_is_ever_removed(
 
 def test_an_unknown_limit_is_refused() -> None:
     with pytest.raises(TypeError, match="no limit 'max_ratio'"):
-        MboxImport({"localFilePath": "x.mbox"}, max_ratio=3)
+        MboxImport({"localFilePath": "x.mbox"}, NO_ENVIRONMENT, max_ratio=3)
 
 
 def test_closing_the_batches_closes_the_file(env: ProviderEnvironment, import_root: Path) -> None:
@@ -446,7 +442,7 @@ def test_closing_the_batches_closes_the_file(env: ProviderEnvironment, import_ro
                 found.add(os.readlink(f"/proc/self/fd/{fd}"))
         return found
 
-    batches = provider.fetch("test.mbox", None)
+    batches = provider.fetch(Mailbox("test.mbox", "test.mbox"), None, NO_CONTEXT)
     assert isinstance(batches, Generator)
     next(batches)
     assert path in open_files()

@@ -17,9 +17,16 @@ import pypff
 import pytest
 
 from ingestion_grpc.errors import InvalidArgument, ProviderDataError
-from ingestion_grpc.providers.base import Batch, FetchedMessage, JsonDict, ProviderEnvironment
+from ingestion_grpc.providers.base import (
+    Batch,
+    FetchedMessage,
+    JsonDict,
+    Mailbox,
+    ProviderEnvironment,
+)
 from ingestion_grpc.providers.pst import PstImport
 from ingestion_grpc.providers.pst_mime import build_pst_message
+from tests.support.fetch_context import NO_CONTEXT
 
 CORPORA = Path(__file__).resolve().parents[3].parent / "shared" / "corpora"
 PST = CORPORA / "enron.pst"
@@ -37,7 +44,7 @@ FOLDER_COUNTS = {
 def fetch_all(
     provider: PstImport, cursor: JsonDict | None = None
 ) -> tuple[list[Batch], list[FetchedMessage]]:
-    batches = list(provider.fetch(provider.list_mailboxes()[0], cursor))
+    batches = list(provider.fetch(provider.list_mailboxes()[0], cursor, NO_CONTEXT))
     return batches, [m for b in batches for m in b.messages]
 
 
@@ -78,16 +85,16 @@ def test_enron_pst_gives_71_messages_in_5_folders(corpora: ProviderEnvironment) 
     provider = PstImport(PstImport.validate_config({"localFilePath": PST.name}), corpora)
     provider.check_connection()
     assert provider.continuous_sync is False
-    assert provider.list_mailboxes() == ["enron.pst"]
+    assert provider.list_mailboxes() == [Mailbox("enron.pst", "enron.pst")]
     batches, messages = fetch_all(provider)
 
     assert len(messages) == 71
-    assert Counter(m.folder_path for m in messages) == FOLDER_COUNTS
+    assert Counter(m.folder_paths[0] for m in messages) == FOLDER_COUNTS
     ids = [m.provider_message_id for m in messages]
     assert len(set(ids)) == 71
     for message in messages:
         folder, _, identifier = message.provider_message_id.rpartition("/")
-        assert folder == message.folder_path
+        assert folder == message.folder_paths[0]
         assert identifier.isdigit()
     json.dumps([b.cursor for b in batches])
     assert batches[-1].cursor["count"] == 71
@@ -125,8 +132,8 @@ def test_every_attachment_round_trips_with_its_name_and_bytes(corpora: ProviderE
 def test_two_imports_produce_identical_bytes(corpora: ProviderEnvironment) -> None:
     first = fetch_all(PstImport({"localFilePath": PST.name}, corpora))[1]
     second = fetch_all(PstImport({"localFilePath": PST.name}, corpora))[1]
-    assert [(m.provider_message_id, m.folder_path, m.raw) for m in first] == [
-        (m.provider_message_id, m.folder_path, m.raw) for m in second
+    assert [(m.provider_message_id, m.folder_paths[0], m.raw) for m in first] == [
+        (m.provider_message_id, m.folder_paths[0], m.raw) for m in second
     ]
 
 

@@ -70,10 +70,12 @@ class ForceSyncRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class OperationAcceptedResponse(_message.Message):
-    __slots__ = ("message",)
+    __slots__ = ("message", "sync_session_id")
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SYNC_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     message: str
-    def __init__(self, message: _Optional[str] = ...) -> None: ...
+    sync_session_id: str
+    def __init__(self, message: _Optional[str] = ..., sync_session_id: _Optional[str] = ...) -> None: ...
 
 class ListSyncSessionsRequest(_message.Message):
     __slots__ = ("id", "page_size", "page_token")
@@ -92,3 +94,23 @@ class ListSyncSessionsResponse(_message.Message):
     sync_sessions: _containers.RepeatedCompositeFieldContainer[_resources_pb2.SyncSession]
     next_page_token: str
     def __init__(self, sync_sessions: _Optional[_Iterable[_Union[_resources_pb2.SyncSession, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ListSyncSessionMailboxesRequest(_message.Message):
+    __slots__ = ("id", "session_id", "page_size", "page_token")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    session_id: str
+    page_size: int
+    page_token: str
+    def __init__(self, id: _Optional[str] = ..., session_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListSyncSessionMailboxesResponse(_message.Message):
+    __slots__ = ("mailboxes", "next_page_token")
+    MAILBOXES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    mailboxes: _containers.RepeatedCompositeFieldContainer[_resources_pb2.SyncSessionMailbox]
+    next_page_token: str
+    def __init__(self, mailboxes: _Optional[_Iterable[_Union[_resources_pb2.SyncSessionMailbox, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

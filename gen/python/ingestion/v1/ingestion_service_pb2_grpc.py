@@ -88,6 +88,11 @@ class IngestionServiceStub:
                 request_serializer=ingestion_dot_v1_dot_ingestion__service__pb2.ListSyncSessionsRequest.SerializeToString,
                 response_deserializer=ingestion_dot_v1_dot_ingestion__service__pb2.ListSyncSessionsResponse.FromString,
                 _registered_method=True)
+        self.ListSyncSessionMailboxes = channel.unary_unary(
+                '/ingestion.v1.IngestionService/ListSyncSessionMailboxes',
+                request_serializer=ingestion_dot_v1_dot_ingestion__service__pb2.ListSyncSessionMailboxesRequest.SerializeToString,
+                response_deserializer=ingestion_dot_v1_dot_ingestion__service__pb2.ListSyncSessionMailboxesResponse.FromString,
+                _registered_method=True)
 
 
 class IngestionServiceServicer:
@@ -175,6 +180,14 @@ class IngestionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSyncSessionMailboxes(self, request, context):
+        """Lists the mailboxes of one run with their state and progress, ordered by
+        display name. Requires `read:ingestion`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -222,6 +235,11 @@ def add_IngestionServiceServicer_to_server(servicer, server):
                     servicer.ListSyncSessions,
                     request_deserializer=ingestion_dot_v1_dot_ingestion__service__pb2.ListSyncSessionsRequest.FromString,
                     response_serializer=ingestion_dot_v1_dot_ingestion__service__pb2.ListSyncSessionsResponse.SerializeToString,
+            ),
+            'ListSyncSessionMailboxes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSyncSessionMailboxes,
+                    request_deserializer=ingestion_dot_v1_dot_ingestion__service__pb2.ListSyncSessionMailboxesRequest.FromString,
+                    response_serializer=ingestion_dot_v1_dot_ingestion__service__pb2.ListSyncSessionMailboxesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -474,6 +492,33 @@ class IngestionService:
             '/ingestion.v1.IngestionService/ListSyncSessions',
             ingestion_dot_v1_dot_ingestion__service__pb2.ListSyncSessionsRequest.SerializeToString,
             ingestion_dot_v1_dot_ingestion__service__pb2.ListSyncSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSyncSessionMailboxes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ingestion.v1.IngestionService/ListSyncSessionMailboxes',
+            ingestion_dot_v1_dot_ingestion__service__pb2.ListSyncSessionMailboxesRequest.SerializeToString,
+            ingestion_dot_v1_dot_ingestion__service__pb2.ListSyncSessionMailboxesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -80,6 +80,10 @@ class IngestionServiceStub:
     """Lists the source's import and sync runs, newest first, with their
     progress counters. Requires `read:ingestion`.
     """
+    ListSyncSessionMailboxes: _grpc.UnaryUnaryMultiCallable[_ingestion_service_pb2.ListSyncSessionMailboxesRequest, _ingestion_service_pb2.ListSyncSessionMailboxesResponse]
+    """Lists the mailboxes of one run with their state and progress, ordered by
+    display name. Requires `read:ingestion`.
+    """
 
 @_typing.type_check_only
 class IngestionServiceAsyncStub(IngestionServiceStub):
@@ -130,6 +134,10 @@ class IngestionServiceAsyncStub(IngestionServiceStub):
     ListSyncSessions: _aio.UnaryUnaryMultiCallable[_ingestion_service_pb2.ListSyncSessionsRequest, _ingestion_service_pb2.ListSyncSessionsResponse]  # type: ignore[assignment]
     """Lists the source's import and sync runs, newest first, with their
     progress counters. Requires `read:ingestion`.
+    """
+    ListSyncSessionMailboxes: _aio.UnaryUnaryMultiCallable[_ingestion_service_pb2.ListSyncSessionMailboxesRequest, _ingestion_service_pb2.ListSyncSessionMailboxesResponse]  # type: ignore[assignment]
+    """Lists the mailboxes of one run with their state and progress, ordered by
+    display name. Requires `read:ingestion`.
     """
 
 class IngestionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -232,6 +240,16 @@ class IngestionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_ingestion_service_pb2.ListSyncSessionsResponse, _abc.Awaitable[_ingestion_service_pb2.ListSyncSessionsResponse]]:
         """Lists the source's import and sync runs, newest first, with their
         progress counters. Requires `read:ingestion`.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSyncSessionMailboxes(
+        self,
+        request: _ingestion_service_pb2.ListSyncSessionMailboxesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingestion_service_pb2.ListSyncSessionMailboxesResponse, _abc.Awaitable[_ingestion_service_pb2.ListSyncSessionMailboxesResponse]]:
+        """Lists the mailboxes of one run with their state and progress, ordered by
+        display name. Requires `read:ingestion`.
         """
 
 def add_IngestionServiceServicer_to_server(servicer: IngestionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

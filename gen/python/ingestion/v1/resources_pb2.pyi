@@ -57,7 +57,7 @@ class ApiKey(_message.Message):
     def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., key: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class SyncSession(_message.Message):
-    __slots__ = ("id", "source_id", "kind", "status", "started_at", "finished_at", "mailboxes_total", "mailboxes_done", "mailboxes_failed", "messages_fetched", "messages_archived", "messages_already_present", "messages_failed", "error_message")
+    __slots__ = ("id", "source_id", "kind", "status", "started_at", "finished_at", "mailboxes_total", "mailboxes_done", "mailboxes_failed", "messages_fetched", "messages_archived", "messages_already_present", "messages_failed", "error_message", "messages_skipped", "mailboxes_skipped")
     ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,8 @@ class SyncSession(_message.Message):
     MESSAGES_ALREADY_PRESENT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FAILED_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    MAILBOXES_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     id: str
     source_id: str
     kind: str
@@ -86,7 +88,33 @@ class SyncSession(_message.Message):
     messages_already_present: int
     messages_failed: int
     error_message: str
-    def __init__(self, id: _Optional[str] = ..., source_id: _Optional[str] = ..., kind: _Optional[str] = ..., status: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mailboxes_total: _Optional[int] = ..., mailboxes_done: _Optional[int] = ..., mailboxes_failed: _Optional[int] = ..., messages_fetched: _Optional[int] = ..., messages_archived: _Optional[int] = ..., messages_already_present: _Optional[int] = ..., messages_failed: _Optional[int] = ..., error_message: _Optional[str] = ...) -> None: ...
+    messages_skipped: int
+    mailboxes_skipped: int
+    def __init__(self, id: _Optional[str] = ..., source_id: _Optional[str] = ..., kind: _Optional[str] = ..., status: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mailboxes_total: _Optional[int] = ..., mailboxes_done: _Optional[int] = ..., mailboxes_failed: _Optional[int] = ..., messages_fetched: _Optional[int] = ..., messages_archived: _Optional[int] = ..., messages_already_present: _Optional[int] = ..., messages_failed: _Optional[int] = ..., error_message: _Optional[str] = ..., messages_skipped: _Optional[int] = ..., mailboxes_skipped: _Optional[int] = ...) -> None: ...
+
+class SyncSessionMailbox(_message.Message):
+    __slots__ = ("mailbox", "display_name", "state", "messages_fetched", "messages_archived", "messages_already_present", "messages_skipped", "messages_failed", "error_message", "updated_at")
+    MAILBOX_FIELD_NUMBER: _ClassVar[int]
+    DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FETCHED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_ARCHIVED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_ALREADY_PRESENT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FAILED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    mailbox: str
+    display_name: str
+    state: str
+    messages_fetched: int
+    messages_archived: int
+    messages_already_present: int
+    messages_skipped: int
+    messages_failed: int
+    error_message: str
+    updated_at: _timestamp_pb2.Timestamp
+    def __init__(self, mailbox: _Optional[str] = ..., display_name: _Optional[str] = ..., state: _Optional[str] = ..., messages_fetched: _Optional[int] = ..., messages_archived: _Optional[int] = ..., messages_already_present: _Optional[int] = ..., messages_skipped: _Optional[int] = ..., messages_failed: _Optional[int] = ..., error_message: _Optional[str] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ArchivedEmail(_message.Message):
     __slots__ = ("id", "source_id", "mailbox", "folder_paths", "message_id", "subject", "from_address", "to", "cc", "sent_at", "size_bytes", "sha256", "has_attachments", "provider_message_id", "archived_at")

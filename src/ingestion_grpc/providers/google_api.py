@@ -1,0 +1,233 @@
+"""Calling Google's Directory and Gmail APIs: one subject's authorized client,
+usable from several threads at once, with the shared limits, retries and error
+translation every call needs.
+
+Transport: google-api-python-client speaks httplib2, and an `httplib2.Http` is
+not thread-safe. The service (the request builder) is built once per subject and
+shared; every thread executes its requests over its own `AuthorizedHttp`, all of
+them on the subject's one credentials object. Concurrent refreshes of that token
+are harmless (each fetches a valid token); the fetch makes its first call alone,
+so a mailbox normally asks for one token an hour.
+
+Errors leave this module as `RetryLater` (after the retries are used up: 429, a
+403 rate limit, 5xx, a network error), `ApiRefused` (Google answered with an
+error a retry will not cure; the caller decides what it means where it happens)
+or `TokenRefused` (the token endpoint refused the subject). None of them carries
+a credential: Google's error texts hold neither the key nor a token.
+
+Logging: with this transport, google-auth logs request lines without headers,
+googleapiclient logs URLs (ids, page tokens, never a token; its request/response
+dumps are off unless `googleapiclient.model.dump_request_response` is set, which
+this service never does), and httplib2 prints nothing unless its `debuglevel` is
+raised. The provider's tests capture every one of these loggers at DEBUG and
+search them for the key and the tokens.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.client
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import httplib2  # type: ignore[import-untyped]
+from google.auth.exceptions import RefreshError, TransportError
+from google_auth_httplib2 import AuthorizedHttp  # type: ignore[import-untyped]
+from googleapiclient.discovery import build
+from googleapiclient.errors import HttpError
+from googleapiclient.http import build_http
+
+from ingestion_grpc.providers.base import (
+    ConcurrencyLimit,
+    JsonDict,
+    Limiter,
+    RateLimit,
+)
+from ingestion_grpc.providers.retries import RetryLater, with_retries
+
+logger = logging.getLogger(__name__)
+
+DIRECTORY_SCOPE = "https://www.googleapis.com/auth/admin.directory.user.readonly"
+GMAIL_SCOPE = "https://www.googleapis.com/auth/gmail.readonly"
+
+# Gmail's published quotas: 250 units/s per user (a moving average: a burst below
+# a second's worth leaves the server's average room for arrival jitter), 1,200,000
+# units a minute per project, and about 5 requests in flight per user before
+# "Too many concurrent requests for user".
+USER_QUOTA = RateLimit("gmail_user", rate=250.0, burst=100.0)
+PROJECT_QUOTA = RateLimit("gmail_project", rate=20_000.0, burst=20_000.0)
+USER_IN_FLIGHT = ConcurrencyLimit("gmail_user_in_flight", limit=5, lease_seconds=300.0)
+
+# Quota units per call (Gmail API "Usage limits").
+COST_GET = 5.0
+COST_LIST = 5.0
+COST_HISTORY = 2.0
+COST_PROFILE = 1.0
+COST_LABELS = 1.0
+
+# A 403 with one of these reasons is throttling, never a refusal.
+RATE_LIMIT_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded"})
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+# Google's error texts are short; a proxy's HTML page is not quoted whole.
+MAX_QUOTED = 300
+
+Sleep = Callable[[float], None]
+
+
+class ApiRefused(Exception):
+    """Google answered an API call with an error that retrying will not cure."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"HTTP {status} {reason or 'error'}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+class TokenRefused(Exception):
+    """The token endpoint refused to issue a token (`error` as OAuth 2.0 names it)."""
+
+    def __init__(self, error: str, description: str) -> None:
+        super().__init__(f"{error}: {description}" if description else error)
+        self.error = error
+        self.description = description
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Where one subject's Gmail calls are counted: the engine's shared limits."""
+
+    limits: Limiter
+    user_key: str
+    project_key: str
+
+
+class Client:
+    """One Google API as one subject, safe to call from several threads."""
+
+    def __init__(
+        self,
+        credentials: Any,
+        api: str,
+        version: str,
+        *,
+        endpoint: str,
+        sleep: Sleep,
+        attempts: int,
+        quota: Quota | None = None,
+    ) -> None:
+        self._credentials = credentials
+        self._sleep = sleep
+        self._attempts = attempts
+        self._quota = quota
+        self._local = threading.local()
+        options = {"api_endpoint": endpoint} if endpoint else None
+        self.service = build(
+            api,
+            version,
+            http=self._http(),
+            static_discovery=True,
+            cache_discovery=False,
+            client_options=options,
+        )
+
+    def call(self, make: Callable[[Any], Any], *, cost: float = 0.0) -> JsonDict:
+        """Execute the request `make(service)` returns, within the quota, with retries."""
+
+        def attempt() -> JsonDict:
+            with self._in_flight():
+                if self._quota is not None:
+                    self._quota.limits.acquire(USER_QUOTA.name, self._quota.user_key, cost)
+                    self._quota.limits.acquire(PROJECT_QUOTA.name, self._quota.project_key, cost)
+                return execute(make(self.service), self._http())
+
+        return with_retries(attempt, attempts=self._attempts, sleep=self._sleep)
+
+    def _in_flight(self) -> AbstractContextManager[None]:
+        if self._quota is None:
+            return nullcontext()
+        return self._quota.limits.slot(USER_IN_FLIGHT.name, self._quota.user_key)
+
+    def _http(self) -> Any:
+        http = getattr(self._local, "http", None)
+        if http is None:
+            http = AuthorizedHttp(self._credentials, http=build_http())
+            self._local.http = http
+        return http
+
+
+def execute(request: Any, transport: Any) -> JsonDict:
+    """One attempt of a googleapiclient request over `transport`, its failure translated."""
+    try:
+        result: JsonDict = request.execute(http=transport, num_retries=0)
+    except HttpError as exc:
+        raise _http_error(exc) from None
+    except RefreshError as exc:
+        raise _token_error(exc) from None
+    except (TransportError, httplib2.HttpLib2Error, http.client.HTTPException, OSError) as exc:
+        raise RetryLater(f"network error: {_short(exc)}") from None
+    return result
+
+
+def _http_error(exc: HttpError) -> Exception:
+    status = int(exc.resp.status)
+    reason, message = error_details(exc.content)
+    message = message or str(exc.resp.reason or "")
+    if status in RETRYABLE_STATUSES or (status == 403 and reason in RATE_LIMIT_REASONS):
+        return RetryLater(
+            f"HTTP {status} {reason or ''} {message}".strip()[:MAX_QUOTED],
+            retry_after=retry_after(exc.resp.get("retry-after")),
+        )
+    return ApiRefused(status, reason, message[:MAX_QUOTED])
+
+
+def error_details(content: bytes) -> tuple[str, str]:
+    """(reason, message) of a Google JSON error body; ("", "") when it is not one."""
+    try:
+        error = json.loads(content.decode("utf-8"))["error"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return "", ""
+    if not isinstance(error, dict):
+        return "", str(error)[:MAX_QUOTED]
+    errors = error.get("errors")
+    reason = ""
+    if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+        reason = str(errors[0].get("reason") or "")
+    if not reason:
+        reason = str(error.get("status") or "")
+    return reason, str(error.get("message") or "")
+
+
+def _token_error(exc: RefreshError) -> Exception:
+    if getattr(exc, "retryable", False):
+        return RetryLater(f"token endpoint: {_short(exc)}")
+    data = exc.args[1] if len(exc.args) > 1 else None
+    if isinstance(data, dict) and isinstance(data.get("error"), str):
+        description = data.get("error_description")
+        return TokenRefused(data["error"], str(description or "")[:MAX_QUOTED])
+    return TokenRefused("refused", str(exc.args[0] if exc.args else "")[:MAX_QUOTED])
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta seconds or an HTTP date)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:MAX_QUOTED]
