@@ -35,6 +35,7 @@ from sqlalchemy.dialects.postgresql import insert
 from ingestion_grpc.db.models import IngestionSource, RunMailbox, SyncSession, new_id
 from ingestion_grpc.db.session import UnitOfWork
 from ingestion_grpc.errors import Conflict, InvalidArgument
+from ingestion_grpc.providers.base import Mailbox
 
 log = logging.getLogger(__name__)
 
@@ -319,17 +320,8 @@ def set_status(uow: UnitOfWork, source: IngestionSource, wanted: str, jobs: JobQ
 # --- the mailboxes of a run ----------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ListedMailbox:
-    """A mailbox as the run records it (the provider's Mailbox, in domain terms)."""
-
-    id: str
-    display_name: str
-    skip_reason: str = ""
-
-
 def record_mailboxes(
-    uow: UnitOfWork, run_id: str, mailboxes: list[ListedMailbox], cap: int, jobs: JobQueue
+    uow: UnitOfWork, run_id: str, mailboxes: list[Mailbox], cap: int, jobs: JobQueue
 ) -> int | None:
     """Add the listed mailboxes to the run and send as many as its cap allows.
 

@@ -1,4 +1,4 @@
-"""Opaque page tokens for keyset pagination: (timestamp, id) of the last item."""
+"""Opaque page tokens for keyset pagination: (timestamp or name, id) of the last item."""
 
 from __future__ import annotations
 
@@ -15,36 +15,41 @@ def page_size(requested: int, default: int, maximum: int) -> int:
     return requested or default
 
 
-def encode_token(moment: datetime, item_id: str) -> str:
-    raw = json.dumps([moment.isoformat(), item_id]).encode()
+def _encode(key: str, item_id: str) -> str:
+    raw = json.dumps([key, item_id], ensure_ascii=False).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_token(token: str) -> tuple[datetime, str] | None:
+def _decode(token: str) -> tuple[str, str] | None:
     if not token:
         return None
     try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        moment, item_id = json.loads(raw)
-        return datetime.fromisoformat(moment), str(item_id)
+        key, item_id = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        if not isinstance(key, str) or not isinstance(item_id, str):
+            raise TypeError(key)
+        return key, item_id
     except (ValueError, TypeError):
+        raise InvalidArgument("pageToken", "is not a token this API returned") from None
+
+
+def encode_token(moment: datetime, item_id: str) -> str:
+    return _encode(moment.isoformat(), item_id)
+
+
+def decode_token(token: str) -> tuple[datetime, str] | None:
+    decoded = _decode(token)
+    if decoded is None:
+        return None
+    try:
+        return datetime.fromisoformat(decoded[0]), decoded[1]
+    except ValueError:
         raise InvalidArgument("pageToken", "is not a token this API returned") from None
 
 
 def encode_name_token(name: str, item_id: str) -> str:
     """A token for lists ordered by (name, id) rather than by time."""
-    raw = json.dumps([name, item_id], ensure_ascii=False).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return _encode(name, item_id)
 
 
 def decode_name_token(token: str) -> tuple[str, str] | None:
-    if not token:
-        return None
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        name, item_id = json.loads(raw)
-        if not isinstance(name, str) or not isinstance(item_id, str):
-            raise TypeError(name)
-        return name, item_id
-    except (ValueError, TypeError):
-        raise InvalidArgument("pageToken", "is not a token this API returned") from None
+    return _decode(token)

@@ -11,7 +11,7 @@ import logging
 
 from ingestion_grpc.db.models import IngestionSource
 from ingestion_grpc.domain import lifecycle
-from ingestion_grpc.domain.lifecycle import RUN_STATUS, ListedMailbox, RunKind, RunState
+from ingestion_grpc.domain.lifecycle import RUN_STATUS, RunKind, RunState
 from ingestion_grpc.engine.context import EngineContext
 from ingestion_grpc.errors import IngestionError, ProviderUnavailable
 from ingestion_grpc.providers.registry import provider_class
@@ -42,17 +42,16 @@ def start_run(ctx: EngineContext, source_id: str, kind: RunKind, *, final_attemp
         _end_unlisted(ctx, run_id, source_id, f"could not list mailboxes: {error}")
         return
 
-    listed = [ListedMailbox(m.id, m.display_name, m.skip_reason) for m in mailboxes]
     with ctx.database.unit_of_work() as uow:
         sent = lifecycle.record_mailboxes(
-            uow, run_id, listed, provider.mailbox_concurrency(), ctx.jobs
+            uow, run_id, mailboxes, provider.mailbox_concurrency(), ctx.jobs
         )
         uow.commit()
     log.info(
         "run %s of source %s: %d mailboxes listed, %s sent",
         run_id,
         source_id,
-        len(listed),
+        len(mailboxes),
         sent,
     )
     finish_if_complete(ctx, run_id)

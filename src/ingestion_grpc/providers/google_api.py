@@ -25,12 +25,10 @@ search them for the key and the tokens.
 
 from __future__ import annotations
 
-import email.utils
 import http.client
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -49,7 +47,7 @@ from ingestion_grpc.providers.base import (
     Limiter,
     RateLimit,
 )
-from ingestion_grpc.providers.retries import RetryLater, with_retries
+from ingestion_grpc.providers.retries import RetryLater, retry_after_seconds, with_retries
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +180,7 @@ def _http_error(exc: HttpError) -> Exception:
     if status in RETRYABLE_STATUSES or (status == 403 and reason in RATE_LIMIT_REASONS):
         return RetryLater(
             f"HTTP {status} {reason or ''} {message}".strip()[:MAX_QUOTED],
-            retry_after=retry_after(exc.resp.get("retry-after")),
+            retry_after=retry_after_seconds(exc.resp.get("retry-after")),
         )
     return ApiRefused(status, reason, message[:MAX_QUOTED])
 
@@ -212,21 +210,6 @@ def _token_error(exc: RefreshError) -> Exception:
         description = data.get("error_description")
         return TokenRefused(data["error"], str(description or "")[:MAX_QUOTED])
     return TokenRefused("refused", str(exc.args[0] if exc.args else "")[:MAX_QUOTED])
-
-
-def retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta seconds or an HTTP date)."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _short(exc: BaseException) -> str:

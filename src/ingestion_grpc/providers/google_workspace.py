@@ -22,7 +22,6 @@ text says what to fix and never quotes the key. Reading a mailbox: `google_fetch
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 import time
@@ -69,7 +68,7 @@ from ingestion_grpc.providers.google_api import (
 )
 from ingestion_grpc.providers.google_fetch import fetch_user
 from ingestion_grpc.providers.google_gmail import GmailUser
-from ingestion_grpc.providers.retries import ATTEMPTS, RetryLater
+from ingestion_grpc.providers.retries import ATTEMPTS, RetryLater, is_loopback_host
 
 # Deliberately loose: it catches pasted names and missing domains, not every RFC 5322 corner.
 EMAIL_PATTERN = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
@@ -354,15 +353,6 @@ def _check_token_uri(value: Any) -> None:
     url = urllib.parse.urlsplit(value)
     if url.scheme == "https" and url.hostname:
         return
-    if url.scheme == "http" and url.hostname and _is_loopback(url.hostname):
+    if url.scheme == "http" and url.hostname and is_loopback_host(url.hostname):
         return
     raise InvalidArgument(KEY_FIELD, "token_uri must be an https URL")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -20,7 +20,6 @@ errors from the HTTP stack are reduced to their class name (their text holds URL
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import ssl
 import threading
 import time
@@ -41,7 +40,7 @@ from ingestion_grpc.errors import (
     ProviderUnavailable,
 )
 from ingestion_grpc.providers.base import JsonDict
-from ingestion_grpc.providers.retries import RetryLater, with_retries
+from ingestion_grpc.providers.retries import RetryLater, is_loopback_host, with_retries
 
 T = TypeVar("T")
 
@@ -292,17 +291,8 @@ def _require_safe_endpoint(url: str, variable: str) -> None:
     parts = urlsplit(url)
     if parts.scheme == "https" and parts.hostname:
         return
-    if parts.scheme == "http" and _loopback(parts.hostname or ""):
+    if parts.scheme == "http" and is_loopback_host(parts.hostname or ""):
         return
     raise ConnectionCheckFailed(
         f"{variable} must be an https URL (such as https://graph.microsoft.com), not {url!r}"
     )
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

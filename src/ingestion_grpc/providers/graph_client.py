@@ -13,7 +13,6 @@ gone, a folder gone or a user without a mailbox, depending on the request).
 from __future__ import annotations
 
 import contextlib
-import email.utils
 import json
 import logging
 import threading
@@ -27,7 +26,7 @@ import requests
 from ingestion_grpc.errors import ProviderAuthError, ProviderUnavailable
 from ingestion_grpc.providers.base import ConcurrencyLimit, JsonDict, Limiter, RateLimit
 from ingestion_grpc.providers.graph_auth import TIMEOUTS, GraphApp, nap, tls_failed
-from ingestion_grpc.providers.retries import RetryLater, with_retries
+from ingestion_grpc.providers.retries import RetryLater, retry_after_seconds, with_retries
 
 logger = logging.getLogger(__name__)
 
@@ -238,23 +237,8 @@ def _failure(response: requests.Response) -> _Failure:
         response.status_code,
         code,
         message[:300],
-        _retry_after(response.headers.get("Retry-After")),
+        retry_after_seconds(response.headers.get("Retry-After")),
     )
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Retry-After in seconds (Graph sends seconds; an HTTP date is allowed too)."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _read_json(response: requests.Response) -> JsonDict:

@@ -1,4 +1,5 @@
-"""Retrying a cloud API call: exponential backoff with jitter, honouring Retry-After.
+"""Retrying a cloud API call: exponential backoff with jitter, honouring Retry-After
+(and the small HTTP facts the cloud providers share).
 
 Built on tenacity (the retry library most Python API clients use), so the policy
 is one declaration: a provider raises `RetryLater` from its call wrapper for what
@@ -9,7 +10,10 @@ are used up the last `RetryLater` is raised again for the provider to translate.
 
 from __future__ import annotations
 
+import email.utils
+import ipaddress
 import logging
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -70,3 +74,28 @@ def with_retries(
         reraise=True,
     )
     return retrying(call)
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta seconds or an HTTP date), if any."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether `host` names this machine: plain http is allowed only there (tests)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
