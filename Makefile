@@ -91,3 +91,20 @@ readpst:
 		echo "warning: readpst is not installed (apt-get install pst-utils);" \
 			"bench-files needs it, or ARGS=--no-pst" >&2; \
 	fi
+
+# Google Workspace import through the whole stack against a local fake of Google's
+# token endpoint, Directory and Gmail that enforces the per-user quota, with 1, 2 and
+# 4 worker processes (needs PostgreSQL and Redis on 127.0.0.1). `make bench-google
+# USERS=16 PER_USER=1000`; figures: docs/benchmarks-google.md.
+USERS ?= 16
+PER_USER ?= 1000
+.PHONY: bench-google bench-m365
+bench-google: venv
+	$(BIN)/python bench/bench_google.py --users $(USERS) --per-user $(PER_USER) $(ARGS)
+
+# Microsoft 365 import through the whole stack against a local HTTPS fake of the
+# identity platform and Graph that enforces Graph's per-mailbox limits, with 1, 2 and
+# 4 worker processes. `make bench-m365 USERS=16 PER_USER=1000`; figures:
+# docs/benchmarks-m365.md.
+bench-m365: venv
+	$(BIN)/python bench/bench_m365.py --users $(USERS) --per-user $(PER_USER) $(ARGS)

@@ -1,5 +1,6 @@
 """Shared pytest fixtures. Each lives in tests/support/; register it here by import."""
 
+from tests.support.cloud import fake_google, fake_graph
 from tests.support.dovecot import dovecot
 from tests.support.envoy import envoy_factory
 from tests.support.services import (
@@ -22,6 +23,8 @@ __all__ = [
     "engine",
     "environment",
     "envoy_factory",
+    "fake_google",
+    "fake_graph",
     "grpc_channel",
     "grpc_server",
     "make_client",

@@ -14,11 +14,9 @@ A case says how to create its source, what the archive must then hold, and
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ import pytest
 
 from ingestion_grpc.engine.context import EngineContext
 from tests.integration.test_imap_engine import served
+from tests.support.conformance import Case, Expected, sha
 from tests.support.corpora import ENRON_PST, HAM, SPAM, mbox_messages, numbered
 from tests.support.dovecot import Dovecot
 from tests.support.fake_tenant import FakeTenantServer
@@ -39,35 +38,6 @@ from tests.support.sources import (
     settled,
 )
 from tests.support.workers import Worker
-
-
-def sha(raw: bytes) -> str:
-    return hashlib.sha256(raw).hexdigest()
-
-
-@dataclass
-class Expected:
-    """What the archive must hold: {mailbox display name: {sha256: folder paths}}."""
-
-    mailboxes: dict[str, dict[str, set[str]]]
-    raw: dict[str, bytes]
-    skipped: dict[str, str] = field(default_factory=dict)  # display name: reason part
-    messages_skipped: int = 0
-    messages_failed: int = 0
-
-    @property
-    def total(self) -> int:
-        return sum(len(m) for m in self.mailboxes.values())
-
-
-@dataclass
-class Case:
-    provider: str
-    # (big) -> providerConfig; a big source has enough mail to be caught mid-import.
-    config: Callable[[bool], dict[str, Any]]
-    expected: Callable[[bool], Expected]
-    tenant: FakeTenantServer | None = None
-
 
 # --- the cases ------------------------------------------------------------------------
 
@@ -121,7 +91,7 @@ def tenant_case() -> Iterator[Case]:
             messages_failed=0 if big else readable,
         )
 
-    yield Case("fake_tenant", config, expected, tenant=server)
+    yield Case("fake_tenant", config, expected, downloads=lambda: len(server.record.downloads))
     server.stop()
 
 
@@ -260,7 +230,7 @@ def test_a_second_import_adds_nothing(
     source, expected = import_once(admin, case)
     settled(admin, source["id"])
     first = latest_run(admin, source["id"])
-    downloads = len(case.tenant.record.downloads) if case.tenant else 0
+    downloads = case.downloads() if case.downloads else 0
     response = admin.post(f"/v1/ingestion-sources/{source['id']}/import")
     assert response.status_code == 202, response.text
     assert response.json()["message"] == "Operation completed successfully."
@@ -271,10 +241,10 @@ def test_a_second_import_adds_nothing(
     assert second["messagesArchived"] == 0
     assert second["messagesAlreadyPresent"] == first["messagesArchived"]
     assert_archive(admin, source["id"], expected, case.provider)
-    if case.tenant is not None:
+    if case.downloads is not None:
         # Known messages are not downloaded again: only the failing and gone ones are tried.
         tried = expected.messages_failed + expected.messages_skipped
-        assert len(case.tenant.record.downloads) - downloads == tried
+        assert case.downloads() - downloads == tried
 
 
 @pytest.mark.parametrize("case", KILLABLE, indirect=True)

@@ -18,6 +18,8 @@ from ingestion_grpc.auth.permissions import Role
 from ingestion_grpc.auth.services import create_user
 from ingestion_grpc.config import Settings
 from ingestion_grpc.server import RunningServer, start_server
+from tests.support.fake_google import FakeGoogle
+from tests.support.fake_graph import FakeGraph
 from tests.support.rest import Rest, unique_email
 
 ADMIN_EMAIL = "admin@example.com"
@@ -57,7 +59,11 @@ def queue_namespace() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def environment(
-    database_url: str, queue_namespace: str, tmp_path_factory: pytest.TempPathFactory
+    database_url: str,
+    queue_namespace: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    fake_google: FakeGoogle,
+    fake_graph: FakeGraph,
 ) -> dict[str, str]:
     """The environment of this run's server, workers and scheduler."""
     return {
@@ -75,6 +81,10 @@ def environment(
         # The test-only tenant provider (tests/support/fake_tenant.py), in the
         # server of this process and in every worker the tests start.
         "PROVIDER_PLUGINS": "tests.support.fake_tenant:FakeTenant",
+        "GOOGLE_API_ENDPOINT": fake_google.url,
+        "MICROSOFT_AUTHORITY_HOST": fake_graph.url,
+        "MICROSOFT_GRAPH_ENDPOINT": fake_graph.url,
+        "REQUESTS_CA_BUNDLE": str(fake_graph.ca_path),
     }
 
 
