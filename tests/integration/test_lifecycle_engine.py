@@ -1,0 +1,293 @@
+"""The life cycle driven in this process, with in-memory fakes of the job queue and
+of a provider (the database is the real PostgreSQL): every transition a run, its
+mailboxes and its source go through, one job at a time, in the order a test says."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+from sqlalchemy import select
+
+from ingestion_grpc import bootstrap
+from ingestion_grpc.archive.blobstore import LocalBlobStore
+from ingestion_grpc.config import Settings
+from ingestion_grpc.crypto import CredentialCipher
+from ingestion_grpc.db.models import IngestionSource, RunMailbox, SyncSession, User, new_id
+from ingestion_grpc.db.session import Database
+from ingestion_grpc.domain import lifecycle
+from ingestion_grpc.domain.lifecycle import JobQueue, RunKind, SourceStatus
+from ingestion_grpc.engine import mailboxes, runs, scheduler
+from ingestion_grpc.engine.context import EngineContext
+from ingestion_grpc.errors import Conflict, MailboxUnavailable, Unavailable
+from ingestion_grpc.providers.base import (
+    MAX_CONCURRENT_MAILBOXES_FIELD,
+    Batch,
+    ConfigField,
+    FetchContext,
+    FetchedMessage,
+    JsonDict,
+    Mailbox,
+    Provider,
+)
+from ingestion_grpc.providers.registry import register
+from tests.support.fetch_context import LocalLimiter
+
+
+class InMemoryQueue(JobQueue):
+    """Keeps the jobs sent; `fail` makes the next sends raise as a Redis outage would."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[str, RunKind]] = []
+        self.mailboxes: list[tuple[str, str]] = []
+        self.fail = False
+
+    def enqueue_run(self, source_id: str, kind: RunKind) -> None:
+        if self.fail:
+            raise Unavailable("The job queue is unavailable; try again shortly.")
+        self.runs.append((source_id, kind))
+
+    def enqueue_mailbox(self, run_id: str, mailbox: str) -> None:
+        if self.fail:
+            raise Unavailable("The job queue is unavailable; try again shortly.")
+        self.mailboxes.append((run_id, mailbox))
+
+    def backlog(self) -> int:
+        return len(self.runs) + len(self.mailboxes)
+
+    def ping(self) -> None:
+        pass
+
+
+# {box: {mailbox id: [raw messages]}}; a mailbox id starting "x-" cannot be opened.
+MAIL: dict[str, dict[str, list[bytes]]] = {}
+
+
+class InMemoryTenant(Provider):
+    """Serves MAIL[config["box"]], two messages a batch; a batch's cursor is its end."""
+
+    name = "in_memory_tenant"
+    fields = (ConfigField("box", str), MAX_CONCURRENT_MAILBOXES_FIELD)
+    limits: ClassVar = ()
+
+    def check_connection(self) -> None:
+        pass
+
+    def list_mailboxes(self) -> list[Mailbox]:
+        return [Mailbox(m, f"{m}@example.com") for m in sorted(MAIL[self.config["box"]])]
+
+    def fetch(
+        self, mailbox: Mailbox, cursor: JsonDict | None, context: FetchContext
+    ) -> Iterator[Batch]:
+        if mailbox.id.startswith("x-"):
+            raise MailboxUnavailable("no mail licence")
+        messages = MAIL[self.config["box"]][mailbox.id]
+        start = int((cursor or {}).get("next", 0))
+        for index in range(start, len(messages), 2):
+            part = messages[index : index + 2]
+            fetched = [
+                FetchedMessage(raw, ("Inbox",), f"{mailbox.id}:{index + i}")
+                for i, raw in enumerate(part)
+            ]
+            yield Batch(fetched, {"next": index + len(part)})
+
+
+register(InMemoryTenant)
+
+
+@pytest.fixture
+def ctx(settings: Settings, tmp_path: Path) -> Iterator[EngineContext]:
+    database = Database(settings.database_url)
+    context = EngineContext(
+        database=database,
+        cipher=CredentialCipher(settings.encryption_key),
+        blobs=LocalBlobStore(tmp_path / "blobs"),
+        jobs=InMemoryQueue(),
+        limits=LocalLimiter(()),
+        sync_interval=settings.sync_interval,
+        stale_after=settings.stale_run_after,
+        provider_environment=bootstrap.provider_environment(settings),
+    )
+    yield context
+    database.dispose()
+
+
+def queue(ctx: EngineContext) -> InMemoryQueue:
+    assert isinstance(ctx.jobs, InMemoryQueue)
+    return ctx.jobs
+
+
+def new_source(ctx: EngineContext, mail: dict[str, list[bytes]], cap: int | None = None) -> str:
+    box = new_id()
+    MAIL[box] = mail
+    config: JsonDict = {"box": box}
+    if cap is not None:
+        config["maxConcurrentMailboxes"] = cap
+    with ctx.database.unit_of_work() as uow:
+        owner = uow.session.scalars(select(User.id).limit(1)).one()
+        source_id = new_id()
+        uow.session.add(
+            IngestionSource(
+                id=source_id,
+                owner_id=owner,
+                name="in memory",
+                provider=InMemoryTenant.name,
+                status=SourceStatus.AUTH_SUCCESS,
+                sealed_config=ctx.cipher.seal(config, bound_to=source_id),
+            )
+        )
+        uow.commit()
+    return source_id
+
+
+def claim(ctx: EngineContext, source_id: str, kind: RunKind = RunKind.IMPORT) -> str:
+    with ctx.database.unit_of_work() as uow:
+        source = uow.session.get(IngestionSource, source_id)
+        assert source is not None
+        run = lifecycle.claim_run(uow, source, kind, ctx.jobs)
+        uow.commit()
+    return run.id
+
+
+def drain(ctx: EngineContext, *, mailbox_limit: int | None = None) -> int:
+    """Run the queued jobs in order; how many mailbox jobs ran."""
+    jobs, ran = queue(ctx), 0
+    while jobs.runs or jobs.mailboxes:
+        if jobs.runs:
+            source_id, kind = jobs.runs.pop(0)
+            runs.start_run(ctx, source_id, kind, final_attempt=True)
+            continue
+        if mailbox_limit is not None and ran >= mailbox_limit:
+            return ran
+        run_id, mailbox = jobs.mailboxes.pop(0)
+        mailboxes.ingest_mailbox(ctx, run_id, mailbox, final_attempt=True)
+        ran += 1
+    return ran
+
+
+def status(ctx: EngineContext, source_id: str) -> str:
+    with ctx.database.unit_of_work() as uow:
+        source = uow.session.get(IngestionSource, source_id)
+        assert source is not None
+        return source.status
+
+
+def run_row(ctx: EngineContext, run_id: str) -> SyncSession:
+    with ctx.database.unit_of_work() as uow:
+        run = uow.session.get(SyncSession, run_id)
+        assert run is not None
+        return run
+
+
+def mailbox_states(ctx: EngineContext, run_id: str) -> dict[str, str]:
+    with ctx.database.unit_of_work() as uow:
+        rows = uow.session.query(RunMailbox).filter(RunMailbox.run_id == run_id).all()
+        return {row.mailbox: row.state for row in rows}
+
+
+def mail(count: int, tag: str) -> list[bytes]:
+    return [b"Subject: %s %d\r\n\r\nbody\r\n" % (tag.encode(), i) for i in range(count)]
+
+
+def test_an_import_runs_from_claim_to_active(grpc_server: object, ctx: EngineContext) -> None:
+    source_id = new_source(ctx, {"a": mail(5, "a"), "b": mail(3, "b"), "x-c": []})
+    run_id = claim(ctx, source_id)
+    assert status(ctx, source_id) == "importing"
+    assert queue(ctx).runs == [(source_id, RunKind.IMPORT)]
+    with pytest.raises(Conflict, match="already running"):
+        claim(ctx, source_id)
+    drain(ctx)
+    assert status(ctx, source_id) == "active"
+    run = run_row(ctx, run_id)
+    assert (run.status, run.messages_archived, run.mailboxes_total) == ("completed", 8, 3)
+    assert (run.mailboxes_done, run.mailboxes_skipped) == (2, 1)
+    assert mailbox_states(ctx, run_id) == {"a": "done", "b": "done", "x-c": "skipped"}
+
+
+def test_the_cap_sends_the_next_mailbox_only_when_one_ends(
+    grpc_server: object, ctx: EngineContext
+) -> None:
+    source_id = new_source(ctx, {f"m{i}": mail(2, f"m{i}") for i in range(5)}, cap=2)
+    run_id = claim(ctx, source_id)
+    runs.start_run(ctx, *queue(ctx).runs.pop(0), final_attempt=True)
+    assert [m for _, m in queue(ctx).mailboxes] == ["m0", "m1"]
+    drain(ctx, mailbox_limit=1)  # m0 ends: m2 is sent
+    assert [m for _, m in queue(ctx).mailboxes] == ["m1", "m2"]
+    drain(ctx)
+    assert set(mailbox_states(ctx, run_id).values()) == {"done"}
+    assert run_row(ctx, run_id).messages_archived == 10
+
+
+def test_a_job_that_cannot_be_sent_gives_the_claim_back(
+    grpc_server: object, ctx: EngineContext
+) -> None:
+    source_id = new_source(ctx, {"a": mail(1, "a")})
+    queue(ctx).fail = True
+    with pytest.raises(Unavailable):
+        claim(ctx, source_id)
+    assert status(ctx, source_id) == "auth_success"
+    queue(ctx).fail = False
+    claim(ctx, source_id)  # and the caller may try again
+    drain(ctx)
+    assert status(ctx, source_id) == "active"
+
+
+def test_pause_hands_the_mailbox_back_and_resume_continues_the_same_run(
+    grpc_server: object, ctx: EngineContext
+) -> None:
+    source_id = new_source(ctx, {"a": mail(6, "a")})
+    run_id = claim(ctx, source_id)
+    runs.start_run(ctx, *queue(ctx).runs.pop(0), final_attempt=True)
+    with ctx.database.unit_of_work() as uow:
+        source = uow.session.get(IngestionSource, source_id)
+        assert source is not None
+        lifecycle.pause(source)
+        uow.commit()
+    drain(ctx)  # the mailbox job finds its source paused: it hands the mailbox back
+    assert status(ctx, source_id) == "paused"
+    assert run_row(ctx, run_id).status == "paused"
+    assert mailbox_states(ctx, run_id) == {"a": "pending"}
+    with ctx.database.unit_of_work() as uow:
+        source = uow.session.get(IngestionSource, source_id)
+        assert source is not None
+        lifecycle.set_status(uow, source, "active", ctx.jobs)
+        uow.commit()
+    drain(ctx)
+    run = run_row(ctx, run_id)
+    assert (run.status, run.messages_archived) == ("completed", 6)
+    assert status(ctx, source_id) == "active"
+
+
+def test_a_tenant_with_every_mailbox_skipped_ends_in_error(
+    grpc_server: object, ctx: EngineContext
+) -> None:
+    source_id = new_source(ctx, {"x-a": [], "x-b": []})
+    run_id = claim(ctx, source_id)
+    drain(ctx)
+    assert status(ctx, source_id) == "error"
+    assert run_row(ctx, run_id).status == "failed"
+
+
+def test_a_dead_workers_mailbox_is_sent_again_by_the_watchdog(
+    grpc_server: object, ctx: EngineContext
+) -> None:
+    source_id = new_source(ctx, {"a": mail(4, "a")})
+    run_id = claim(ctx, source_id)
+    runs.start_run(ctx, *queue(ctx).runs.pop(0), final_attempt=True)
+    queue(ctx).mailboxes.clear()  # the job was taken by a worker...
+    with ctx.database.unit_of_work() as uow:
+        claimed = lifecycle.claim_mailbox(uow, run_id, "a", ctx.stale_after)
+        uow.commit()
+    assert claimed is not None  # ...that died holding the mailbox
+    scheduler.revive_lost_mailboxes(ctx)
+    assert queue(ctx).mailboxes == []  # its heartbeat is still fresh
+    stale = dataclasses.replace(ctx, stale_after=timedelta(0))
+    scheduler.revive_lost_mailboxes(stale)
+    assert queue(ctx).mailboxes == [(run_id, "a")]
+    drain(ctx)
+    assert run_row(ctx, run_id).messages_archived == 4
+    assert status(ctx, source_id) == "active"
