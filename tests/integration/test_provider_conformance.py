@@ -358,3 +358,52 @@ def test_two_workers_share_the_limits_and_the_cap_on_mailboxes(
         spans[user] = (min(first, t), max(last, t))
     for moment in times:
         assert sum(1 for a, b in spans.values() if a <= moment <= b) <= 3
+
+
+def test_the_runs_mailboxes_page_through_envoy_for_readers_only(
+    admin: Rest,
+    tenant: FakeTenantServer,
+    start_worker: Callable[[], Worker],
+    make_client: Callable[[str], Rest],
+) -> None:
+    start_worker()
+    tenant_users(tenant, 3, 2)
+    source = create_source(admin, "paged", "fake_tenant", {"endpoint": tenant.url})
+    settled(admin, source["id"])
+    run_id = latest_run(admin, source["id"])["id"]
+    path = f"/v1/ingestion-sources/{source['id']}/sync-sessions/{run_id}/mailboxes"
+    names, token = [], ""
+    while True:
+        page = admin.get(f"{path}?pageSize=2&pageToken={token}")
+        assert page.status_code == 200, page.text
+        names += [m["displayName"] for m in page.json()["mailboxes"]]
+        token = page.json()["nextPageToken"]
+        if not token:
+            break
+    assert names == ["user0@tenant.test", "user1@tenant.test", "user2@tenant.test"]
+    first = admin.get(f"{path}?pageSize=1").json()["mailboxes"][0]
+    assert set(first) == {
+        "mailbox",
+        "displayName",
+        "state",
+        "messagesFetched",
+        "messagesArchived",
+        "messagesAlreadyPresent",
+        "messagesSkipped",
+        "messagesFailed",
+        "errorMessage",
+        "updatedAt",
+    }
+    assert (first["state"], first["messagesFetched"], first["messagesArchived"]) == ("done", 2, 2)
+    assert make_client("viewer").get(path).status_code == 200
+    assert make_client("user").get(path).status_code == 404  # not theirs
+    assert admin.get(path.replace(run_id, new_uuid())).status_code == 404
+    bad = admin.get(f"{path}?pageToken=garbage")
+    assert bad.status_code == 400
+    assert bad.json()["details"][0]["fieldViolations"][0]["field"] == "pageToken"
+    assert admin.get(f"{path}?pageSize=1001").status_code == 400
+    assert Rest(admin.base_url).get(path).status_code == 401
+
+
+def new_uuid() -> str:
+    return str(uuid.uuid4())
