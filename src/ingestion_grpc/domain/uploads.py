@@ -21,10 +21,10 @@ from datetime import timedelta
 from pathlib import Path
 
 from ingestion_grpc import errors
+from ingestion_grpc.providers.files import UPLOAD_SUFFIX
 
 log = logging.getLogger(__name__)
 
-UPLOAD_SUFFIX = ".upload"
 PARTIAL_SUFFIX = ".partial"
 
 

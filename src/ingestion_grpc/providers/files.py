@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
-from ingestion_grpc.domain.uploads import UPLOAD_SUFFIX
 from ingestion_grpc.errors import InvalidArgument, ProviderDataError
 from ingestion_grpc.providers.base import (
     Batch,
@@ -54,6 +53,9 @@ logger = logging.getLogger(__name__)
 
 LOCAL = "localFilePath"
 UPLOADED = "uploadedFilePath"
+# The name ending of every file the upload endpoint stores (`domain/uploads.py`):
+# only such files are removed after their import.
+UPLOAD_SUFFIX = ".upload"
 
 # Batch bounds: a batch closes at this many messages or before this many raw bytes
 # (a single message larger than that travels alone).
