@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # venv is recreated; pyvenv.cfg is a plain file, unlike bin/python).
 STAMP := .venv.stamp
 
-.PHONY: venv run gen gen-check lint test dovecot
+.PHONY: venv run gen gen-check gen-tools example-tools node-modules lint test dovecot
 
 venv: $(STAMP)
 
@@ -23,8 +23,45 @@ $(STAMP): pyproject.toml $(VENV)/pyvenv.cfg
 run: venv
 	$(BIN)/ingestion-grpc run
 
-gen: venv
+gen: venv gen-tools
 	$(BIN)/python scripts/gen.py
+
+# npm packages, pinned in package-lock.json, in ./node_modules: protoc-gen-es for
+# `make gen`, TypeScript and Connect for examples/ts (npm workspaces: gen/ts,
+# examples/ts). Installed again only when a package.json or the lock changes.
+NODE_STAMP := node_modules/.installed.stamp
+node-modules: $(NODE_STAMP)
+
+$(NODE_STAMP): package.json package-lock.json gen/ts/package.json examples/ts/package.json
+	@command -v npm >/dev/null || { echo "error: npm is missing (apt-get install nodejs npm)" >&2; exit 1; }
+	npm ci --no-audit --no-fund
+	touch $@
+
+# Debian packages are installed when some are missing and we can (root, apt).
+installed = [ "$$(dpkg-query -W -f='$${db:Status-Status}\n' $(1) 2>/dev/null | grep -cx installed)" = "$(words $(1))" ]
+define apt_install
+	@if $(call installed,$(1)); then \
+		:; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $(1); \
+	else \
+		echo "error: $(2) needs these Debian packages: apt-get install $(1)" >&2; exit 1; \
+	fi
+endef
+
+# `make gen`'s plugins: protoc-gen-go, protoc-gen-go-grpc, protoc-gen-swagger
+# (golang-grpc-gateway). scripts/gen.py checks their versions.
+GEN_DEBS := protoc-gen-go protoc-gen-go-grpc golang-grpc-gateway
+gen-tools: node-modules
+	$(call apt_install,$(GEN_DEBS),make gen)
+
+# The example clients' toolchains (tests/integration/test_example_clients.py): Go
+# and Debian's gRPC and protobuf sources for a GOPATH build (the 1.5 golang/protobuf,
+# whose API v1 wraps v2: the 1.3 one cannot marshal protoc-gen-go 1.28 messages).
+EXAMPLE_DEBS := golang-go golang-google-grpc-dev golang-github-golang-protobuf-1-5-dev \
+	golang-google-protobuf-dev
+example-tools: node-modules
+	$(call apt_install,$(EXAMPLE_DEBS),the example clients' test)
 
 # Fails when the committed generated files differ from what `make gen` writes.
 gen-check: gen
@@ -51,7 +88,7 @@ dovecot:
 			"the IMAP tests need it" >&2; \
 	fi
 
-test: venv dovecot
+test: venv dovecot example-tools
 	$(BIN)/pytest
 
 # IMAP import through the whole stack against a real Dovecot, compared with mbsync

@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,7 +128,8 @@ class Stack:
 
 
 @contextlib.contextmanager
-def running_stack(workdir: Path) -> Iterator[Stack]:
+def running_stack(workdir: Path, environment: Mapping[str, str] | None = None) -> Iterator[Stack]:
+    """The stack; `environment` adds to (or overrides) the server's and workers' variables."""
     stack = Stack(workdir)
     suffix = uuid.uuid4().hex[:12]
     database = f"ingestion_bench_{suffix}"
@@ -147,6 +148,7 @@ def running_stack(workdir: Path) -> Iterator[Stack]:
         "STALE_RUN_AFTER": "2m",
         "ADMIN_EMAIL": ADMIN_EMAIL,
         "ADMIN_PASSWORD": admin_password,
+        **(environment or {}),
     }
     with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{database}"')
@@ -200,14 +202,14 @@ def _status_kib(pid: int, field_name: str) -> int:
 
 
 class Worker(workers.Worker):
-    """The tests' worker process with `--processes 1 --threads 1`, ready before the
-    clock starts, and its memory watched.
+    """The tests' worker process with `--processes 1 --threads 1` (or `threads`), ready
+    before the clock starts, and its memory watched.
 
     Dramatiq's CLI process forks the worker process that runs the actors; that child's
     memory is what we report (the parent only supervises and relays logs)."""
 
-    def __init__(self, environment: dict[str, str], log_path: Path) -> None:
-        super().__init__(environment, log_path, threads=1)
+    def __init__(self, environment: dict[str, str], log_path: Path, threads: int = 1) -> None:
+        super().__init__(environment, log_path, threads=threads)
         self.peak_sampled_kib = 0
         self._sampling = threading.Event()
         self._sampler: threading.Thread | None = None
@@ -335,7 +337,7 @@ def run_import(
 
 def timed_import(
     stack: Stack,
-    worker: Worker,
+    worker: Worker | Sequence[Worker],
     source: dict[str, Any],
     expected: int,
     *,
@@ -343,31 +345,36 @@ def timed_import(
     timeout: float,
     profile: Path | None = None,
 ) -> ImportResult:
-    """Start `worker`, create `source` over REST and time it until its import is over;
-    then stop the worker. Fails unless the source ends `settled` with one completed
-    import that fetched and archived exactly `expected` messages, all in the catalog."""
+    """Start `worker` (or each of several), create `source` over REST and time it until
+    its import is over; then stop the workers. Fails unless the source ends `settled`
+    with one completed import that fetched and archived exactly `expected` messages,
+    all in the catalog. With several workers, the peak RSS figures are the highest of
+    any one worker process."""
+    group = [worker] if isinstance(worker, Worker) else list(worker)
     spy: PySpy | None = None
     try:
-        worker.start()
+        for one in group:
+            one.start()
         if profile is not None:
-            spy = PySpy(profile, worker.children()[0])
+            spy = PySpy(profile, group[0].children()[0])
         os.sync()  # nothing left to write back from preparing the input while we are timed
         started = time.monotonic()
         created = stack.http.post(f"{stack.base_url}/v1/ingestion-sources", json=source, timeout=60)
         if created.status_code != 201:
             raise BenchFailed(f"creating the source failed: {created.status_code} {created.text}")
         source_id = created.json()["id"]
-        ended = _wait_settled(stack, source_id, timeout=timeout, worker=worker)
+        ended = _wait_settled(stack, source_id, timeout=timeout, workers=group)
         seconds = time.monotonic() - started
-        worker_peak, parent_peak = worker.peak_rss_kib()
+        peaks = [one.peak_rss_kib() for one in group]
     finally:
         if spy is not None:
             spy.stop()
-        worker.stop()
+        for one in group:
+            one.stop()
     if ended["status"] != settled:
         raise BenchFailed(
             f"the import ended with status {ended['status']!r}: "
-            f"{ended.get('lastSyncStatusMessage')}\n{worker.log()[-3000:]}"
+            f"{ended.get('lastSyncStatusMessage')}\n{group[0].log()[-3000:]}"
         )
     sessions = stack.http.get(
         f"{stack.base_url}/v1/ingestion-sources/{source_id}/sync-sessions", timeout=30
@@ -383,22 +390,25 @@ def timed_import(
         messages=run["messagesArchived"],
         size_bytes=_archived_bytes(stack, source_id, expected),
         seconds=seconds,
-        worker_peak_kib=worker_peak,
-        worker_sampled_kib=worker.peak_sampled_kib,
-        parent_peak_kib=parent_peak,
+        worker_peak_kib=max(child for child, _ in peaks),
+        worker_sampled_kib=max(one.peak_sampled_kib for one in group),
+        parent_peak_kib=max(parent for _, parent in peaks),
         source_id=source_id,
     )
 
 
-def _wait_settled(stack: Stack, source_id: str, *, timeout: float, worker: Worker) -> Any:
+def _wait_settled(
+    stack: Stack, source_id: str, *, timeout: float, workers: Sequence[Worker]
+) -> Any:
     deadline = time.monotonic() + timeout
     url = f"{stack.base_url}/v1/ingestion-sources/{source_id}"
     while True:
         source = stack.http.get(url, timeout=30).json()
         if source["status"] not in RUNNING:
             return source
-        if worker.process is not None and worker.process.poll() is not None:
-            raise BenchFailed(f"the worker died during the import:\n{worker.log()[-3000:]}")
+        for worker in workers:
+            if worker.process is not None and worker.process.poll() is not None:
+                raise BenchFailed(f"a worker died during the import:\n{worker.log()[-3000:]}")
         if time.monotonic() > deadline:
             raise BenchFailed(f"the import did not finish in {timeout:g} s: {source}")
         time.sleep(POLL_SECONDS)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import logging
 import os
 import sys
 from collections.abc import Mapping
@@ -29,6 +28,7 @@ from ingestion_grpc.errors import ConfigurationError
 from ingestion_grpc.jobs.queue import DramatiqJobQueue, redis_broker
 from ingestion_grpc.providers.base import Limit, Provider, ProviderEnvironment, RateLimit
 from ingestion_grpc.providers.registry import PROVIDERS, register
+from ingestion_grpc.telemetry import exposition, logs
 
 # Exit status of a process whose configuration is wrong (as for bad usage).
 CONFIGURATION_ERROR_EXIT = 2
@@ -52,9 +52,13 @@ def settings_or_exit(environ: Environ = os.environ) -> Settings:
 
 
 def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    """LOG_LEVEL and LOG_FORMAT (human-readable text, or one JSON object a line)."""
+    logs.configure(settings.log_level, settings.log_format)
+
+
+def configure_metrics(settings: Settings) -> None:
+    """Metrics of this process go where the server's `/metrics` adds them up."""
+    exposition.enable_multiprocess(settings.metrics_dir)
 
 
 def _load_plugin(spec: str) -> type[Provider]:

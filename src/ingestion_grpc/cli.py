@@ -4,6 +4,10 @@ ingestion-grpc run                                  the whole stack (make run)
 ingestion-grpc server                               the gRPC server alone
 ingestion-grpc scheduler                            the scheduler alone
 ingestion-grpc create-user EMAIL --role user        prompts for the password
+
+and the client commands of a running service (`client/commands.py`):
+ingestion-grpc sources list|show|create|watch|pause|resume|sync ...
+ingestion-grpc import-file PATH
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 
 from ingestion_grpc.auth.permissions import Role
 from ingestion_grpc.auth.services import create_user
+from ingestion_grpc.client import commands as client_commands
 from ingestion_grpc.db.migrate import upgrade_to_head
 from ingestion_grpc.db.session import Database
 from ingestion_grpc.errors import IngestionError
@@ -80,6 +85,7 @@ def _scheduler(args: argparse.Namespace) -> int:
 
     settings = bootstrap.settings_or_exit()
     bootstrap.configure_logging(settings)
+    bootstrap.configure_metrics(settings)
     ctx = bootstrap.engine_context(settings, bootstrap.job_queue(settings))
     # The scheduler may start before any server: the schema must exist first.
     upgrade_to_head(ctx.database.engine)
@@ -112,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     user.add_argument("email")
     user.add_argument("--role", choices=[r.value for r in Role], default=Role.USER.value)
     user.set_defaults(handler=_create_user)
+    client_commands.register(commands)
     args = parser.parse_args(argv)
     result: int = args.handler(args)
     return result

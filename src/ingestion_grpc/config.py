@@ -66,6 +66,16 @@ def parse_log_level(text: str, variable: str) -> str:
     return level
 
 
+LOG_FORMATS = ("text", "json")
+
+
+def parse_log_format(text: str, variable: str) -> str:
+    value = text.strip().lower()
+    if value not in LOG_FORMATS:
+        raise ConfigurationError(f"{variable} must be text or json")
+    return value
+
+
 def parse_url(text: str, variable: str) -> str:
     """An http(s) base URL, without a trailing slash."""
     url = text.strip().rstrip("/")
@@ -126,7 +136,12 @@ class Settings:
     queue_namespace: str
     stale_run_after: timedelta
     scheduler_tick: timedelta
+    # PROMETHEUS_MULTIPROC_DIR: where every process of the node writes its metrics.
+    metrics_dir: Path
+    # The server's Prometheus listener; 0 picks a free port.
+    metrics_port: int = 0
     log_level: str = "INFO"
+    log_format: str = "text"
     admin_email: str = "admin@example.com"
     admin_password: str | None = None
     # "" = Google's own endpoints.
@@ -161,7 +176,10 @@ class Settings:
             queue_namespace=environ.get("QUEUE_NAMESPACE", "dramatiq"),
             stale_run_after=parse_duration(environ.get("STALE_RUN_AFTER", "2m"), "STALE_RUN_AFTER"),
             scheduler_tick=parse_duration(environ.get("SCHEDULER_TICK", "15s"), "SCHEDULER_TICK"),
+            metrics_dir=metrics_dir(environ, data_dir),
+            metrics_port=parse_port(environ.get("METRICS_PORT", "0"), "METRICS_PORT"),
             log_level=parse_log_level(environ.get("LOG_LEVEL", "INFO"), "LOG_LEVEL"),
+            log_format=parse_log_format(environ.get("LOG_FORMAT", "text"), "LOG_FORMAT"),
             admin_email=environ.get("ADMIN_EMAIL", "").strip() or "admin@example.com",
             admin_password=environ.get("ADMIN_PASSWORD") or None,
             google_api_endpoint=parse_url(google, "GOOGLE_API_ENDPOINT") if google else "",
@@ -187,6 +205,12 @@ class Settings:
 LIMIT_PREFIX = "LIMIT_"
 
 
+def metrics_dir(environ: Environ, data_dir: Path) -> Path:
+    """PROMETHEUS_MULTIPROC_DIR (prometheus-client's own variable), else DATA_DIR/metrics."""
+    given = environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()
+    return Path(given).resolve() if given else data_dir / "metrics"
+
+
 @dataclass(frozen=True)
 class StackSettings:
     """What `ingestion-grpc run` itself needs before the rest exists (it makes the
@@ -197,13 +221,71 @@ class StackSettings:
     http_port: int
     grpc_port: int
     envoy_admin_port: int
+    metrics_dir: Path
+    # 0: the stack picks a free port for the server's listener (Envoy serves it).
+    metrics_port: int = 0
+    log_format: str = "text"
 
     @classmethod
     def from_env(cls, environ: Environ = os.environ) -> StackSettings:
+        data_dir = Path(environ.get("DATA_DIR", "./data")).resolve()
         return cls(
-            data_dir=Path(environ.get("DATA_DIR", "./data")).resolve(),
+            data_dir=data_dir,
             http_host=environ.get("HTTP_HOST", "0.0.0.0").strip() or "0.0.0.0",
             http_port=parse_port(environ.get("HTTP_PORT", "8080"), "HTTP_PORT", allow_zero=False),
             grpc_port=parse_port(environ.get("GRPC_PORT", "50051"), "GRPC_PORT", allow_zero=False),
             envoy_admin_port=parse_port(environ.get("ENVOY_ADMIN_PORT", "0"), "ENVOY_ADMIN_PORT"),
+            metrics_dir=metrics_dir(environ, data_dir),
+            metrics_port=parse_port(environ.get("METRICS_PORT", "0"), "METRICS_PORT"),
+            log_format=parse_log_format(environ.get("LOG_FORMAT", "text"), "LOG_FORMAT"),
         )
+
+
+# Where the client commands look for the service when neither --url nor
+# INGESTION_URL says: `make run`'s Envoy.
+DEFAULT_SERVICE_URL = "http://localhost:8080"
+_TARGET = re.compile(r"^(?:(https?)://)?(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(?::(\d{1,5}))?/?$")
+
+
+def parse_service_url(text: str, variable: str) -> tuple[str, bool]:
+    """`http://host:port`, `https://host[:port]` or `host:port` as (gRPC target, TLS?).
+
+    Plain `host:port` and `http://` are plaintext (Envoy's port, or the server's
+    own); `https://` is TLS, on port 443 unless one is given.
+    """
+    match = _TARGET.match(text.strip())
+    port = int(match.group(3)) if match and match.group(3) else None
+    if not match or (port is not None and not 1 <= port <= 65535):
+        raise ConfigurationError(
+            f"{variable} must be a service address like http://localhost:8080 or host:50051"
+        )
+    scheme, host = match.group(1), match.group(2)
+    secure = scheme == "https"
+    default_port = 443 if secure else 80 if scheme == "http" else 8080
+    return f"{host}:{port or default_port}", secure
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """What the client commands (`ingestion-grpc sources ...`, `import-file`) need:
+    where the service is and the API key they act with. A flag wins over its variable."""
+
+    target: str
+    secure: bool
+    api_key: str | None
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Environ = os.environ,
+        *,
+        url: str | None = None,
+        api_key: str | None = None,
+    ) -> ClientSettings:
+        if url is not None:
+            target, secure = parse_service_url(url, "--url")
+        else:
+            given = environ.get("INGESTION_URL", "").strip() or DEFAULT_SERVICE_URL
+            target, secure = parse_service_url(given, "INGESTION_URL")
+        key = api_key if api_key is not None else environ.get("INGESTION_API_KEY", "")
+        return cls(target=target, secure=secure, api_key=key.strip() or None)

@@ -18,6 +18,8 @@ from string import Template
 ENVOY_DIR = Path(__file__).resolve().parents[2] / "envoy"
 TEMPLATE = ENVOY_DIR / "envoy.yaml.in"
 DESCRIPTOR = ENVOY_DIR / "ingestion.pb"
+# Served as GET /v1/openapi.json; written by `make gen` like the descriptor.
+OPENAPI_DOCUMENT = ENVOY_DIR.parent / "gen" / "openapi" / "openapi.json"
 
 
 def _port(value: int, name: str, *, allow_zero: bool = False) -> str:
@@ -33,16 +35,23 @@ def render_envoy_config(
     admin_port: int,
     out_path: Path,
     *,
+    metrics_port: int = 0,
     descriptor: Path = DESCRIPTOR,
+    openapi: Path = OPENAPI_DOCUMENT,
     template: Path = TEMPLATE,
 ) -> Path:
     """Write the bootstrap to `out_path` and return its absolute path.
 
     `admin_port` 0 lets the kernel pick the admin port (it stays on 127.0.0.1).
+    `metrics_port` is the gRPC server's Prometheus listener, which Envoy serves as
+    `GET /metrics`; 0 (a server without one) makes that path answer 503.
     """
     descriptor = descriptor.resolve()
     if not descriptor.is_file():
         raise FileNotFoundError(f"{descriptor} is missing; run `make gen`")
+    openapi = openapi.resolve()
+    if not openapi.is_file():
+        raise FileNotFoundError(f"{openapi} is missing; run `make gen`")
     text = Template(template.read_text(encoding="utf-8")).substitute(
         # JSON strings are valid YAML scalars: quoting keeps "::" or odd paths intact.
         HTTP_HOST=json.dumps(http_host),
@@ -50,8 +59,10 @@ def render_envoy_config(
         IPV4_COMPAT="true" if http_host == "::" else "false",
         HTTP_PORT=_port(http_port, "HTTP_PORT"),
         GRPC_PORT=_port(grpc_port, "GRPC_PORT"),
+        METRICS_PORT=_port(metrics_port, "METRICS_PORT", allow_zero=True),
         ADMIN_PORT=_port(admin_port, "ENVOY_ADMIN_PORT", allow_zero=True),
         PROTO_DESCRIPTOR=json.dumps(str(descriptor)),
+        OPENAPI_DOCUMENT=json.dumps(str(openapi)),
     )
     out_path = out_path.resolve()
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ from ingestion_grpc.api.archive import ArchiveServicer
 from ingestion_grpc.api.auth import ApiKeyServicer, AuthServicer
 from ingestion_grpc.api.ingestion import IngestionServicer
 from ingestion_grpc.api.interceptors import AuthInterceptor, ErrorInterceptor
+from ingestion_grpc.api.metrics import MetricsInterceptor
 from ingestion_grpc.api.settings import SettingsServicer
 from ingestion_grpc.api.upload import UploadServicer
 from ingestion_grpc.archive.blobstore import blob_store_from_settings
@@ -46,6 +47,7 @@ from ingestion_grpc.db.session import Database, ping
 from ingestion_grpc.domain.lifecycle import JobQueue
 from ingestion_grpc.domain.settings import ensure_settings
 from ingestion_grpc.domain.uploads import UploadStore
+from ingestion_grpc.telemetry import exposition
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +83,18 @@ class RunningServer:
     database: Database
     health: health.HealthServicer
     _stop_watching: threading.Event
+    metrics: exposition.MetricsListener
+
+    @property
+    def metrics_port(self) -> int:
+        """The Prometheus listener's port (METRICS_PORT, or the free one picked)."""
+        return self.metrics.port
 
     def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
         self._stop_watching.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        self.metrics.stop()
         self.database.dispose()
 
 
@@ -131,6 +140,8 @@ def start_server(
     jobs: JobQueue | None = None,
 ) -> RunningServer:
     """Build and start a server; `port=0` picks a free one (tests)."""
+    # Before any RPC is counted: this process's values must go to the shared files.
+    bootstrap.configure_metrics(settings)
     database = Database(settings.database_url)
     prepare_database(database, settings, settings.admin_email, settings.admin_password)
     jobs = jobs or bootstrap.job_queue(settings)
@@ -142,7 +153,12 @@ def start_server(
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rpc"),
-        interceptors=[ErrorInterceptor(), AuthInterceptor(database, settings.jwt_secret)],
+        # In this order around each call: metrics see the status the client gets.
+        interceptors=[
+            MetricsInterceptor(),
+            ErrorInterceptor(),
+            AuthInterceptor(database, settings.jwt_secret),
+        ],
         options=[
             ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
             *RECEIVE_WINDOW_OPTIONS,
@@ -169,6 +185,7 @@ def start_server(
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
+    metrics = exposition.serve(settings.metrics_dir, settings.metrics_port, jobs.backlog)
     bound = server.add_insecure_port(f"[::]:{settings.grpc_port if port is None else port}")
     server.start()
 
@@ -179,14 +196,16 @@ def start_server(
         name="health",
         daemon=True,
     ).start()
-    return RunningServer(server, bound, database, health_servicer, stop_watching)
+    return RunningServer(server, bound, database, health_servicer, stop_watching, metrics)
 
 
 def main() -> None:
     settings = bootstrap.settings_or_exit()
     bootstrap.configure_logging(settings)
     running = start_server(settings)
-    log.info("gRPC server listening on port %d", running.port)
+    log.info(
+        "gRPC server listening on port %d; metrics on port %d", running.port, running.metrics_port
+    )
 
     stopping = threading.Event()
 

@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +32,8 @@ from ingestion_grpc.config import StackSettings
 from ingestion_grpc.envoy_config import envoy_command, render_envoy_config
 from ingestion_grpc.errors import ConfigurationError
 from ingestion_grpc.jobs.worker import worker_command, worker_environment
+from ingestion_grpc.telemetry import exposition
+from ingestion_grpc.telemetry.logs import JsonFormatter
 
 if TYPE_CHECKING:
     from pgserver.postgres_server import PostgresServer
@@ -221,6 +224,15 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def _free_local_port() -> int:
+    """A port free on 127.0.0.1 a moment ago, for the server's metrics listener:
+    Envoy must be told it before the server starts."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 def _supervise(children: list[Child], healthz: str, ready_line: str, stop: threading.Event) -> int:
     ready = False
     exit_code = 0
@@ -260,10 +272,14 @@ def run_stack(environ: Mapping[str, str] = os.environ) -> int:
     except ConfigurationError as error:
         log.error("configuration error: %s", error)
         return 2
+    if stack.log_format == "json":
+        for log_handler in logging.getLogger().handlers:
+            log_handler.setFormatter(JsonFormatter())
     data_dir = stack.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     http_host, http_port, grpc_port = stack.http_host, stack.http_port, stack.grpc_port
     admin_port = stack.envoy_admin_port
+    metrics_port = stack.metrics_port or _free_local_port()
 
     stop = threading.Event()
 
@@ -273,8 +289,16 @@ def run_stack(environ: Mapping[str, str] = os.environ) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         envoy_config = render_envoy_config(
-            http_host, http_port, grpc_port, admin_port, data_dir / "envoy.yaml"
+            http_host,
+            http_port,
+            grpc_port,
+            admin_port,
+            data_dir / "envoy.yaml",
+            metrics_port=metrics_port,
         )
+        # Multiprocess metrics need an empty directory at the start: files of an
+        # earlier run would be added to this one's.
+        exposition.reset_directory(stack.metrics_dir)
         with embedded_services(data_dir, environ) as urls:
             if stop.is_set():
                 return 0
@@ -284,6 +308,8 @@ def run_stack(environ: Mapping[str, str] = os.environ) -> int:
                 **load_or_create_secrets(data_dir / "secrets.json", environ),
                 "DATA_DIR": str(data_dir),
                 "GRPC_PORT": str(grpc_port),
+                "METRICS_PORT": str(metrics_port),
+                exposition.MULTIPROC_VARIABLE: str(stack.metrics_dir),
                 "PYTHONUNBUFFERED": "1",
             }
             python = sys.executable

@@ -72,7 +72,9 @@ def test_the_same_bytes_in_two_folders_of_one_batch_are_one_row(
     database: Database, source_id: str
 ) -> None:
     outcome = _record(database, source_id, (ONE, "INBOX"), (TWO, "INBOX"), (ONE, "Archive/2002"))
-    assert outcome == BatchOutcome(archived=2, already_present=1)
+    assert outcome == BatchOutcome(
+        archived=2, already_present=1, archived_bytes=len(ONE) + len(TWO)
+    )
     rows = _rows(database, source_id)
     assert set(rows) == {"one", "two ✓"}  # same Message-ID, different bytes: both kept
     assert rows["one"].folder_paths == ["INBOX", "Archive/2002"]

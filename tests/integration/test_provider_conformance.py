@@ -25,6 +25,8 @@ import pytest
 from ingestion_grpc.engine.context import EngineContext
 from tests.integration.test_imap_engine import served
 from tests.support.conformance import Case, Expected, sha
+from tests.support.conformance_google import google_case
+from tests.support.conformance_m365 import m365_case
 from tests.support.corpora import ENRON_PST, HAM, SPAM, mbox_messages, numbered
 from tests.support.dovecot import Dovecot
 from tests.support.fake_tenant import FakeTenantServer
@@ -148,8 +150,15 @@ def file_case(provider: str, import_root: Path) -> Iterator[Case]:
     yield Case(provider, config, expected)
 
 
-CASES = ["fake_tenant", "generic_imap", "mbox_import", "pst_import"]
-KILLABLE = ["fake_tenant", "mbox_import"]
+CASES = [
+    "fake_tenant",
+    "generic_imap",
+    "mbox_import",
+    "pst_import",
+    "google_workspace",
+    "microsoft_365",
+]
+KILLABLE = ["fake_tenant", "mbox_import", "google_workspace", "microsoft_365"]
 
 
 @pytest.fixture(params=CASES)
@@ -160,6 +169,10 @@ def case(request: pytest.FixtureRequest, environment: dict[str, str]) -> Iterato
         yield from tenant_case()
     elif request.param == "generic_imap":
         yield from imap_case(request.getfixturevalue("dovecot"))
+    elif request.param == "google_workspace":
+        yield from google_case(request.getfixturevalue("fake_google"))
+    elif request.param == "microsoft_365":
+        yield from m365_case(request.getfixturevalue("fake_graph"))
     else:
         yield from file_case(request.param, import_root)
 

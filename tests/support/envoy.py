@@ -110,10 +110,12 @@ class EnvoyProxy:
                 self.process.wait()
 
 
-def _start_once(grpc_port: int, workdir: Path) -> EnvoyProxy | None:
+def _start_once(grpc_port: int, workdir: Path, metrics_port: int) -> EnvoyProxy | None:
     """One attempt; None if the chosen port was taken before Envoy could bind it."""
     port = free_port()
-    config = render_envoy_config(HOST, port, grpc_port, 0, workdir / f"envoy-{port}.yaml")
+    config = render_envoy_config(
+        HOST, port, grpc_port, 0, workdir / f"envoy-{port}.yaml", metrics_port=metrics_port
+    )
     log_path = workdir / f"envoy-{port}.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
@@ -138,19 +140,21 @@ def _start_once(grpc_port: int, workdir: Path) -> EnvoyProxy | None:
     return proxy
 
 
-def start_envoy(grpc_port: int, workdir: Path) -> EnvoyProxy:
-    """Start Envoy on a free port in front of 127.0.0.1:`grpc_port`; call `stop()` after."""
+def start_envoy(grpc_port: int, workdir: Path, metrics_port: int = 0) -> EnvoyProxy:
+    """Start Envoy on a free port in front of 127.0.0.1:`grpc_port`; call `stop()` after.
+
+    `metrics_port`: the server's metrics listener, served as `GET /metrics` (0: none)."""
     workdir.mkdir(parents=True, exist_ok=True)
     for _ in range(START_ATTEMPTS):
-        proxy = _start_once(grpc_port, workdir)
+        proxy = _start_once(grpc_port, workdir, metrics_port)
         if proxy is not None:
             return proxy
     raise RuntimeError(f"envoy found no free port in {START_ATTEMPTS} attempts")
 
 
 @contextlib.contextmanager
-def running_envoy(grpc_port: int, workdir: Path) -> Iterator[EnvoyProxy]:
-    proxy = start_envoy(grpc_port, workdir)
+def running_envoy(grpc_port: int, workdir: Path, metrics_port: int = 0) -> Iterator[EnvoyProxy]:
+    proxy = start_envoy(grpc_port, workdir, metrics_port)
     try:
         yield proxy
     finally:
@@ -160,14 +164,15 @@ def running_envoy(grpc_port: int, workdir: Path) -> Iterator[EnvoyProxy]:
 @pytest.fixture(scope="session")
 def envoy_factory(
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Callable[[int], str]]:
-    """`envoy_factory(grpc_port) -> base URL`; one Envoy per gRPC port, stopped at the end."""
+) -> Iterator[Callable[..., str]]:
+    """`envoy_factory(grpc_port, metrics_port=0) -> base URL`; one Envoy per gRPC port,
+    stopped at the end."""
     proxies: dict[int, EnvoyProxy] = {}
 
-    def factory(grpc_port: int) -> str:
+    def factory(grpc_port: int, metrics_port: int = 0) -> str:
         proxy = proxies.get(grpc_port)
         if proxy is None or proxy.process.poll() is not None:
-            proxy = start_envoy(grpc_port, tmp_path_factory.mktemp("envoy"))
+            proxy = start_envoy(grpc_port, tmp_path_factory.mktemp("envoy"), metrics_port)
             proxies[grpc_port] = proxy
         return proxy.base_url
 

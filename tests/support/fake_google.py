@@ -37,6 +37,7 @@ import socket
 import threading
 import time
 import urllib.parse
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -285,7 +286,11 @@ class FakeGoogle:
         self.keep_log = keep_log
         self.requests = 0
         self.throttled = 0
+        # Answers by (api, status), kept even without the log (a benchmark's counters).
+        self.answered: Counter[tuple[str, int]] = Counter()
         self.delegation_revoked = False
+        # Service accounts whose delegation alone is revoked (revoke_delegation(key)).
+        self._revoked: set[str] = set()
         self._lock = threading.RLock()
         self._users: dict[str, FakeUser] = {}
         self._keys: dict[str, ServiceAccountKey] = {}
@@ -348,15 +353,28 @@ class FakeGoogle:
         with self._lock:
             self._grants[key.client_email] = set(scopes)
 
-    def revoke_delegation(self) -> None:
-        """Every token request refused; tokens already issued stop working too."""
-        with self._lock:
-            self.delegation_revoked = True
-            self._tokens.clear()
+    def revoke_delegation(self, key: ServiceAccountKey | None = None) -> None:
+        """Every token request refused; tokens already issued stop working too.
 
-    def restore_delegation(self) -> None:
+        With `key`, only that service account's (a session-wide fake serves many
+        tests: one test's revocation must not reach another's sources).
+        """
         with self._lock:
-            self.delegation_revoked = False
+            if key is None:
+                self.delegation_revoked = True
+                self._tokens.clear()
+                return
+            self._revoked.add(key.client_email)
+            for token, issued in list(self._tokens.items()):
+                if issued.client_email == key.client_email:
+                    del self._tokens[token]
+
+    def restore_delegation(self, key: ServiceAccountKey | None = None) -> None:
+        with self._lock:
+            if key is None:
+                self.delegation_revoked = False
+            else:
+                self._revoked.discard(key.client_email)
 
     # --- users, labels, messages ----------------------------------------------------
 
@@ -380,6 +398,12 @@ class FakeGoogle:
 
     def user(self, email: str) -> FakeUser:
         return self._users[email.lower()]
+
+    def remove_users(self, emails: Iterable[str]) -> None:
+        """Delete users and their mail (a long benchmark frees each round's domain)."""
+        with self._lock:
+            for email in emails:
+                self._users.pop(email.lower(), None)
 
     def suspend(self, email: str, suspended: bool = True) -> None:
         with self._lock:
@@ -526,10 +550,11 @@ class FakeGoogle:
             return list(self._log)
 
     def reset_log(self) -> None:
-        """Forget the log and the counters (`requests`, `throttled`)."""
+        """Forget the log and the counters (`requests`, `throttled`, `answered`)."""
         with self._lock:
             self._log.clear()
             self.requests = self.throttled = 0
+            self.answered.clear()
 
     def count(
         self, *, api: str | None = None, status: int | None = None, email: str | None = None
@@ -588,6 +613,7 @@ class FakeGoogle:
         with self._lock:
             self.requests += 1
             self.throttled += throttled
+            self.answered[api, status] += 1
             if self.keep_log:
                 self._log.append(
                     Logged(
@@ -647,6 +673,7 @@ class FakeGoogle:
         with self._lock:
             if (
                 self.delegation_revoked
+                or key.client_email in self._revoked
                 or not scopes
                 or not scopes <= self._grants.get(key.client_email, set())
             ):

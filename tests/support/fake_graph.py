@@ -239,6 +239,9 @@ class LoggedRequest:
     user_id: str | None
     status: int
     immutable_ids: bool
+    # time.monotonic() when the request arrived and when its answer was ready.
+    started: float = 0.0
+    ended: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -455,6 +458,18 @@ class FakeGraph:
             user.folders[folder.id] = folder
             return folder
 
+    def remove_user(self, user: FakeUser) -> None:
+        """The user leaves the directory, with its mail (a long-running fake frees it)."""
+        with self._lock:
+            self._users.remove(user)
+            for message in user.messages.values():
+                self._messages.pop(message.id, None)
+                self._rest.pop(message.rest_id(), None)
+                self._value_failures.pop(message.id, None)
+            user.messages.clear()
+            user.folders.clear()
+            user.roots.clear()
+
     def delete_folder(self, user: FakeUser, folder: FakeFolder) -> None:
         with self._lock:
             for child in list(folder.children):
@@ -543,6 +558,13 @@ class FakeGraph:
 
     # --- observations -----------------------------------------------------------------------
 
+    def user(self, key: str) -> FakeUser:
+        """The user with this object id or userPrincipalName (case-insensitive)."""
+        user = self._user(key)
+        if user is None:
+            raise KeyError(key)
+        return user
+
     def stats(self, user: FakeUser) -> MailboxStats:
         with self._lock:
             return MailboxStats(user.requests, user.throttled, user.peak)
@@ -581,6 +603,7 @@ class FakeGraph:
         return name.casefold() in (self.tenant_id.casefold(), self.tenant_domain.casefold())
 
     def handle(self, handler: _Handler, method: str, body: bytes) -> _Response:
+        started = time.monotonic()
         parts = urlsplit(handler.path)
         segments = [unquote(s) for s in parts.path.split("/")[1:]]
         query = {k: v[0] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
@@ -603,6 +626,8 @@ class FakeGraph:
                     user.id if user else None,
                     response.status,
                     prefs.get("idtype", "").casefold() == "immutableid",
+                    started,
+                    time.monotonic(),
                 )
             )
         return response

@@ -101,9 +101,9 @@ def grpc_server(settings: Settings) -> Iterator[RunningServer]:
 
 
 @pytest.fixture(scope="session")
-def rest_url(grpc_server: RunningServer, envoy_factory: Callable[[int], str]) -> str:
-    """Envoy in front of the test server: REST and native gRPC on one port."""
-    return envoy_factory(grpc_server.port)
+def rest_url(grpc_server: RunningServer, envoy_factory: Callable[..., str]) -> str:
+    """Envoy in front of the test server: REST, native gRPC and `GET /metrics` on one port."""
+    return envoy_factory(grpc_server.port, grpc_server.metrics_port)
 
 
 @pytest.fixture(scope="session")

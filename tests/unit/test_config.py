@@ -4,7 +4,7 @@ from datetime import timedelta
 
 import pytest
 
-from ingestion_grpc.config import Settings, decode_encryption_key, parse_duration
+from ingestion_grpc.config import ClientSettings, Settings, decode_encryption_key, parse_duration
 from ingestion_grpc.errors import ConfigurationError
 
 REQUIRED = {
@@ -46,3 +46,43 @@ def test_defaults_and_required_variables() -> None:
     for name in REQUIRED:
         with pytest.raises(ConfigurationError, match=name):
             Settings.from_env({k: v for k, v in REQUIRED.items() if k != name})
+
+
+def test_metrics_and_log_format_settings() -> None:
+    settings = Settings.from_env({**REQUIRED, "DATA_DIR": "/srv/archive"})
+    assert settings.metrics_port == 0
+    assert str(settings.metrics_dir) == "/srv/archive/metrics"
+    assert settings.log_format == "text"
+    chosen = Settings.from_env(
+        {**REQUIRED, "METRICS_PORT": "9464", "LOG_FORMAT": "JSON", "PROMETHEUS_MULTIPROC_DIR": "/m"}
+    )
+    assert (chosen.metrics_port, chosen.log_format, str(chosen.metrics_dir)) == (9464, "json", "/m")
+    for name, bad in (("METRICS_PORT", "abc"), ("METRICS_PORT", "70000"), ("LOG_FORMAT", "xml")):
+        with pytest.raises(ConfigurationError, match=name):
+            Settings.from_env({**REQUIRED, name: bad})
+
+
+@pytest.mark.parametrize(
+    ("url", "target", "secure"),
+    [
+        ("http://localhost:8080", "localhost:8080", False),
+        ("localhost:50051", "localhost:50051", False),
+        ("https://archive.example.com", "archive.example.com:443", True),
+        ("[::1]:8080", "[::1]:8080", False),
+    ],
+)
+def test_client_settings_read_the_service_url(url: str, target: str, secure: bool) -> None:
+    settings = ClientSettings.from_env({"INGESTION_URL": url, "INGESTION_API_KEY": " k "})
+    assert (settings.target, settings.secure, settings.api_key) == (target, secure, "k")
+
+
+def test_client_flags_win_and_bad_urls_name_where_they_came_from() -> None:
+    environ = {"INGESTION_URL": "http://env:1", "INGESTION_API_KEY": "env-key"}
+    settings = ClientSettings.from_env(environ, url="flag:2", api_key="flag-key")
+    assert (settings.target, settings.api_key) == ("flag:2", "flag-key")
+    assert ClientSettings.from_env({}).target == "localhost:8080"
+    assert ClientSettings.from_env({}).api_key is None
+    with pytest.raises(ConfigurationError, match="INGESTION_URL"):
+        ClientSettings.from_env({"INGESTION_URL": "ftp://x/y"})
+    with pytest.raises(ConfigurationError, match="--url"):
+        ClientSettings.from_env({}, url="http://host:99999")

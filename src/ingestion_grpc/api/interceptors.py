@@ -87,7 +87,7 @@ OPEN_SERVICE_PREFIXES = (
 )
 
 
-def _wrap(
+def wrap_handler(
     handler: grpc.RpcMethodHandler[Any, Any], around: Callable[[Behavior, bool], Behavior]
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """The same handler with `around(behavior, streams_response)` in front."""
@@ -125,7 +125,9 @@ class ErrorInterceptor(_ServerInterceptor):
         handler = continuation(details)
         if handler is None:
             return None
-        return _wrap(handler, lambda behavior, streams: self._guard(behavior, streams, details))
+        return wrap_handler(
+            handler, lambda behavior, streams: self._guard(behavior, streams, details)
+        )
 
     @staticmethod
     def _guard(behavior: Behavior, streams: bool, details: grpc.HandlerCallDetails) -> Behavior:
@@ -183,9 +185,11 @@ class AuthInterceptor(_ServerInterceptor):
         if method not in METHOD_PERMISSIONS:
             # Deny by default: a new rpc must be given a permission here.
             log.error("rpc %s has no permission configured; refusing it", method)
-            return _wrap(handler, lambda _b, _s: self._refuse)
+            return wrap_handler(handler, lambda _b, _s: self._refuse)
         needed = METHOD_PERMISSIONS[method]
-        return _wrap(handler, lambda behavior, streams: self._authorize(behavior, streams, needed))
+        return wrap_handler(
+            handler, lambda behavior, streams: self._authorize(behavior, streams, needed)
+        )
 
     @staticmethod
     def _refuse(request: Any, context: grpc.ServicerContext) -> None:

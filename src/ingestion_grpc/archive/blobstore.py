@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 from ingestion_grpc.errors import InvalidArgument, NotFound
+from ingestion_grpc.telemetry.metrics import BLOB_WRITE_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,10 @@ class LocalBlobStore(BlobStore):
     def put_many(self, blobs: list[bytes]) -> list[str]:
         """Store a batch: write every new file (several at a time), then make the
         batch durable at once (syncfs, or fsyncs of the files and their directories)."""
+        with BLOB_WRITE_SECONDS.labels("local").time():
+            return self._put_many(blobs)
+
+    def _put_many(self, blobs: list[bytes]) -> list[str]:
         self._ensure_root()
         names = [sha256_hex(data) for data in blobs]
         fsync_files = _syncfs is None

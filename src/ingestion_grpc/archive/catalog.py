@@ -59,7 +59,7 @@ _INSERT_OR_ADD_FOLDER = text(
             SELECT DISTINCT unnest(archived_emails.folder_paths || excluded.folder_paths)
             ORDER BY 1)
         WHERE NOT archived_emails.folder_paths @> excluded.folder_paths
-    RETURNING xmax = 0
+    RETURNING xmax = 0, size_bytes
     """
 )
 
@@ -68,6 +68,8 @@ _INSERT_OR_ADD_FOLDER = text(
 class BatchOutcome:
     archived: int
     already_present: int
+    # Bytes of the newly archived messages.
+    archived_bytes: int = 0
 
 
 def record_batch(
@@ -114,8 +116,12 @@ def record_batch(
             "rows": json.dumps(list(rows.values()), ensure_ascii=False),
         },
     )
-    inserted = sum(1 for (is_new,) in results if is_new)
-    return BatchOutcome(archived=inserted, already_present=len(messages) - inserted)
+    new_sizes = [size for is_new, size in results if is_new]
+    return BatchOutcome(
+        archived=len(new_sizes),
+        already_present=len(messages) - len(new_sizes),
+        archived_bytes=sum(new_sizes),
+    )
 
 
 # Folder paths merged into rows found by the provider's id, for messages a provider

@@ -31,6 +31,7 @@ from ingestion_grpc.domain.paging import (
 from ingestion_grpc.errors import FailedPrecondition, InvalidArgument, NotFound
 from ingestion_grpc.providers.base import JsonDict, Provider, ProviderEnvironment
 from ingestion_grpc.providers.registry import provider_class
+from ingestion_grpc.telemetry import context
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,9 @@ class SourceService:
             raise InvalidArgument("providerConfig", "is required")
         config = cls.validate_config(provider_config)
         # Checked before anything is stored: a source that cannot connect is
-        # never created.
-        cls(config, self._provider_environment).check_connection()
+        # never created. (Its requests are counted under the provider's name.)
+        with context.bound(provider=provider):
+            cls(config, self._provider_environment).check_connection()
         source_id = new_id()
         source = IngestionSource(
             id=source_id,
@@ -119,7 +121,8 @@ class SourceService:
             source.name = _valid_name(changes.name)
         if changes.provider is not None or changes.provider_config is not None:
             provider, config = self._changed_config(source, changes)
-            provider_class(provider)(config, self._provider_environment).check_connection()
+            with context.bound(provider=provider):
+                provider_class(provider)(config, self._provider_environment).check_connection()
             source.provider = provider
             source.sealed_config = self._cipher.seal(config, bound_to=source.id)
         if changes.status is not None:

@@ -39,6 +39,7 @@ from ingestion_grpc.errors import (
     ProviderDataError,
 )
 from ingestion_grpc.providers.base import Batch, FetchContext, JsonDict, Mailbox, Provider
+from ingestion_grpc.telemetry import context, metrics
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,12 @@ SLICE_SECONDS = 600.0
 
 
 class Released(Exception):
-    """Raised inside the batch loop when the mailbox must stop for now."""
+    """Raised inside the batch loop when the mailbox must stop for now; `outcome`
+    says why (`paused`, `requeued`, `lost_lease`), for the metrics."""
+
+    def __init__(self, outcome: str) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
 
 
 class StaleKnownMessages(Exception):
@@ -70,23 +76,42 @@ class MailboxArchive:
 
 
 def ingest_mailbox(ctx: EngineContext, run_id: str, mailbox: str, *, final_attempt: bool) -> None:
-    claimed = _claim(ctx, run_id, mailbox)
-    if claimed is None:
-        return
-    claim, provider, cursor = claimed
+    with context.bound(run_id=run_id, mailbox=mailbox):
+        claimed = _claim(ctx, run_id, mailbox)
+        if claimed is None:
+            return
+        claim, provider, cursor = claimed
+        with context.bound(source_id=claim.source_id, provider=provider.name):
+            _ingest_claimed(ctx, claim, provider, cursor, final_attempt=final_attempt)
+
+
+def _ingest_claimed(
+    ctx: EngineContext,
+    claim: MailboxClaim,
+    provider: Provider,
+    cursor: JsonDict | None,
+    *,
+    final_attempt: bool,
+) -> None:
+    run_id, mailbox = claim.run_id, claim.mailbox
+    started = time.monotonic()
+    outcome = "retry"
     try:
         _ingest(ctx, claim, provider, cursor)
-    except Released:
-        pass
+    except Released as released:
+        outcome = released.outcome
     except MailboxUnavailable as error:
         log.info("mailbox %s of run %s skipped: %s", claim.display_name, run_id, error)
+        outcome = "skipped"
         _end(ctx, claim, MailboxState.SKIPPED, str(error))
     except (ProviderAuthError, ProviderDataError) as error:
+        outcome = "failed"
         _end(ctx, claim, MailboxState.FAILED, str(error))
     except Exception as error:
         message = _describe(error)
         if final_attempt:
             log.exception("mailbox %s of run %s failed for good", mailbox, run_id)
+            outcome = "failed"
             _end(ctx, claim, MailboxState.FAILED, f"gave up after retries: {message}")
         else:
             log.warning("mailbox %s of run %s: %s; will retry", mailbox, run_id, message)
@@ -95,7 +120,10 @@ def ingest_mailbox(ctx: EngineContext, run_id: str, mailbox: str, *, final_attem
                 uow.commit()
             raise
     else:
+        outcome = "done"
         _end(ctx, claim, MailboxState.DONE, "")
+    finally:
+        metrics.MAILBOX_RUNS.labels(provider.name, outcome).observe(time.monotonic() - started)
     finish_if_complete(ctx, run_id)
 
 
@@ -148,6 +176,7 @@ def _ingest(
         for batch in batches:
             raws = [m.raw for m in batch.messages]
             blobs_stored = blob_writer.submit(ctx.blobs.put_many, raws) if raws else None
+            stop: str | None = None
             with ctx.database.unit_of_work() as uow:
                 # The rows are written while the blobs are, but committed only
                 # once every blob is durable.
@@ -157,17 +186,54 @@ def _ingest(
                 seen_again = _merge_known(uow, claim, batch)
                 if blobs_stored is not None:
                     blobs_stored.result()
-                source_status = _advance(uow, claim, batch, outcome, seen_again)
+                counts = BatchCounts.of(batch, outcome, seen_again)
+                source_status = _advance(uow, claim, batch.cursor, counts)
                 if source_status != RUN_STATUS[claim.kind]:
                     # Paused (or deleted): this batch is saved; stop here.
                     lifecycle.release_mailbox(uow, claim, pause_run=True)
-                    uow.commit()
-                    raise Released
-                if time.monotonic() - started > SLICE_SECONDS:
+                    stop = "paused"
+                elif time.monotonic() - started > SLICE_SECONDS:
                     lifecycle.release_mailbox(uow, claim, pause_run=False, requeue=ctx.jobs)
-                    uow.commit()
-                    raise Released
+                    stop = "requeued"
                 uow.commit()
+            # Counted once committed, so the metrics never run ahead of the archive.
+            counts.count(provider.name)
+            if stop is not None:
+                raise Released(stop)
+
+
+@dataclass(frozen=True)
+class BatchCounts:
+    """What one batch adds to the counters of its mailbox, its run and the metrics."""
+
+    fetched: int
+    archived: int
+    already_present: int
+    skipped: int
+    failed: int
+    archived_bytes: int
+
+    @classmethod
+    def of(cls, batch: Batch, outcome: BatchOutcome, seen_again: int) -> BatchCounts:
+        return cls(
+            fetched=len(batch.messages),
+            archived=outcome.archived,
+            already_present=outcome.already_present + seen_again,
+            skipped=len(batch.skipped),
+            failed=len(batch.failed),
+            archived_bytes=outcome.archived_bytes,
+        )
+
+    def count(self, provider: str) -> None:
+        metrics.count_batch(
+            provider,
+            fetched=self.fetched,
+            archived=self.archived,
+            already_present=self.already_present,
+            skipped=self.skipped,
+            failed=self.failed,
+            archived_bytes=self.archived_bytes,
+        )
 
 
 def _digests(raws: list[bytes]) -> list[str]:
@@ -193,51 +259,47 @@ def _merge_known(uow: UnitOfWork, claim: MailboxClaim, batch: Batch) -> int:
 
 
 def _advance(
-    uow: UnitOfWork, claim: MailboxClaim, batch: Batch, outcome: BatchOutcome, seen_again: int
+    uow: UnitOfWork, claim: MailboxClaim, cursor: JsonDict, counts: BatchCounts
 ) -> str | None:
     """Move the cursor and the counters past a recorded batch; the source's status after.
 
     Done last in the transaction: these rows are shared with the scheduler and
     the API, so they stay locked only for the moment before COMMIT.
     """
-    fetched = len(batch.messages)
-    present = outcome.already_present + seen_again
-    skipped = len(batch.skipped)
-    failed = len(batch.failed)
     still_ours = uow.session.execute(
         lifecycle.held(claim)
         .where(RunMailbox.state == MailboxState.RUNNING)
         .values(
             heartbeat_at=lifecycle.now(),
             updated_at=lifecycle.now(),
-            messages_fetched=RunMailbox.messages_fetched + fetched,
-            messages_archived=RunMailbox.messages_archived + outcome.archived,
-            messages_already_present=RunMailbox.messages_already_present + present,
-            messages_skipped=RunMailbox.messages_skipped + skipped,
-            messages_failed=RunMailbox.messages_failed + failed,
+            messages_fetched=RunMailbox.messages_fetched + counts.fetched,
+            messages_archived=RunMailbox.messages_archived + counts.archived,
+            messages_already_present=RunMailbox.messages_already_present + counts.already_present,
+            messages_skipped=RunMailbox.messages_skipped + counts.skipped,
+            messages_failed=RunMailbox.messages_failed + counts.failed,
         )
         .returning(RunMailbox.run_id)
     ).first()
     if still_ours is None:
         log.warning("lost the lease on mailbox %s of run %s", claim.mailbox, claim.run_id)
-        raise Released
+        raise Released("lost_lease")
     uow.session.execute(
         insert(MailboxCursor)
-        .values(source_id=claim.source_id, mailbox=claim.mailbox, cursor=batch.cursor)
+        .values(source_id=claim.source_id, mailbox=claim.mailbox, cursor=cursor)
         .on_conflict_do_update(
             index_elements=["source_id", "mailbox"],
-            set_={"cursor": batch.cursor, "updated_at": lifecycle.now()},
+            set_={"cursor": cursor, "updated_at": lifecycle.now()},
         )
     )
     uow.session.execute(
         update(SyncSession)
         .where(SyncSession.id == claim.run_id)
         .values(
-            messages_fetched=SyncSession.messages_fetched + fetched,
-            messages_archived=SyncSession.messages_archived + outcome.archived,
-            messages_already_present=SyncSession.messages_already_present + present,
-            messages_skipped=SyncSession.messages_skipped + skipped,
-            messages_failed=SyncSession.messages_failed + failed,
+            messages_fetched=SyncSession.messages_fetched + counts.fetched,
+            messages_archived=SyncSession.messages_archived + counts.archived,
+            messages_already_present=SyncSession.messages_already_present + counts.already_present,
+            messages_skipped=SyncSession.messages_skipped + counts.skipped,
+            messages_failed=SyncSession.messages_failed + counts.failed,
             heartbeat_at=lifecycle.now(),
         )
     )

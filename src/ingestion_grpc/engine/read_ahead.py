@@ -8,6 +8,7 @@ waits overlap. At most one batch is read ahead, so memory stays at two batches.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import queue
 import threading
 from collections.abc import Iterator
@@ -47,7 +48,11 @@ class ReadAhead(Generic[T]):
         # queued or in the consumer's hands, one being read.
         self._items: queue.Queue[T | _End | _Failed] = queue.Queue(maxsize=1)
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._read, name=name, daemon=True)
+        # The reader runs in a copy of the caller's context: what the provider logs
+        # there is about the same run and mailbox (telemetry.context).
+        self._thread = threading.Thread(
+            target=contextvars.copy_context().run, args=(self._read,), name=name, daemon=True
+        )
 
     def __enter__(self) -> Iterator[T]:
         self._thread.start()

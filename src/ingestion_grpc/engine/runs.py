@@ -14,23 +14,32 @@ from ingestion_grpc.domain import lifecycle
 from ingestion_grpc.domain.lifecycle import RUN_STATUS, RunKind, RunState
 from ingestion_grpc.engine.context import EngineContext
 from ingestion_grpc.errors import IngestionError, ProviderUnavailable
+from ingestion_grpc.providers.base import Provider
 from ingestion_grpc.providers.registry import provider_class
+from ingestion_grpc.telemetry import context
 
 log = logging.getLogger(__name__)
 
 
 def start_run(ctx: EngineContext, source_id: str, kind: RunKind, *, final_attempt: bool) -> None:
     """List the source's mailboxes into its open run and queue them."""
-    with ctx.database.unit_of_work() as uow:
-        source = uow.session.get(IngestionSource, source_id)
-        if source is None or source.status != RUN_STATUS[kind]:
-            return  # deleted, paused, or a duplicate message: nothing to do
-        run = lifecycle.open_run(uow, source_id)
-        if run is None:
-            return
-        run_id = run.id
-        provider = ctx.provider_for(source)
+    with context.bound(source_id=source_id):
+        with ctx.database.unit_of_work() as uow:
+            source = uow.session.get(IngestionSource, source_id)
+            if source is None or source.status != RUN_STATUS[kind]:
+                return  # deleted, paused, or a duplicate message: nothing to do
+            run = lifecycle.open_run(uow, source_id)
+            if run is None:
+                return
+            run_id = run.id
+            provider = ctx.provider_for(source)
+        with context.bound(run_id=run_id, provider=provider.name):
+            _list_and_send(ctx, run_id, source_id, provider, final_attempt=final_attempt)
 
+
+def _list_and_send(
+    ctx: EngineContext, run_id: str, source_id: str, provider: Provider, *, final_attempt: bool
+) -> None:
     try:
         mailboxes = provider.list_mailboxes()
     except ProviderUnavailable as error:

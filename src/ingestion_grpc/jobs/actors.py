@@ -20,10 +20,12 @@ from ingestion_grpc.domain.lifecycle import RunKind
 from ingestion_grpc.engine import mailboxes, runs
 from ingestion_grpc.engine.context import EngineContext
 from ingestion_grpc.jobs import messages
+from ingestion_grpc.jobs.metrics import JobMetrics
 from ingestion_grpc.jobs.queue import DramatiqJobQueue, redis_broker
 
 settings = bootstrap.settings_or_exit()
 bootstrap.configure_logging(settings)
+bootstrap.configure_metrics(settings)
 
 MAX_RETRIES = 5
 # Transient failures (a server down, a dropped connection) back off from 5 s
@@ -40,6 +42,7 @@ RETRY_OPTIONS: dict[str, Any] = {
 
 broker = redis_broker(settings.redis_url, settings.queue_namespace)
 broker.add_middleware(CurrentMessage())
+broker.add_middleware(JobMetrics())
 dramatiq.set_broker(broker)
 
 

@@ -11,6 +11,7 @@ while the results waiting to be handed over hold `max_bytes_waiting` or more.
 
 from __future__ import annotations
 
+import contextvars
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -50,7 +51,10 @@ def fetch_in_order(
                     except StopIteration:
                         exhausted = True
                         break
-                    pending.append((item, pool.submit(fetch, item)))
+                    # In a copy of this thread's context: the request's log lines
+                    # and metrics name the caller's mailbox and provider.
+                    in_context = contextvars.copy_context().run
+                    pending.append((item, pool.submit(in_context, fetch, item)))
                 if not pending:
                     return
                 item, future = pending.popleft()

@@ -60,7 +60,17 @@ GMAIL_SCOPE = "https://www.googleapis.com/auth/gmail.readonly"
 # "Too many concurrent requests for user".
 USER_QUOTA = RateLimit("gmail_user", rate=250.0, burst=100.0)
 PROJECT_QUOTA = RateLimit("gmail_project", rate=20_000.0, burst=20_000.0)
-USER_IN_FLIGHT = ConcurrencyLimit("gmail_user_in_flight", limit=5, lease_seconds=300.0)
+# A place is held for one request (tens of ms; a large message a few seconds, and
+# the holder renews its lease every third of it), so a short lease costs almost no
+# renewals, while the places of a worker killed mid-request come back within it:
+# with minutes, the worker resuming that user could wait minutes for a request.
+USER_IN_FLIGHT = ConcurrencyLimit("gmail_user_in_flight", limit=5, lease_seconds=10.0)
+# Quota units are taken from the shared buckets a few calls' worth at a time: each
+# take is a Redis round trip, which cost the worker more CPU than the request it
+# paid for when it was made per call. What a fetch leaves unspent is never used
+# (at most a chunk: 0.1 s of a user's quota), which errs on the safe side.
+USER_CHUNK = 25.0  # 5 messages.get
+PROJECT_CHUNK = 250.0
 
 # Quota units per call (Gmail API "Usage limits").
 COST_GET = 5.0
@@ -106,6 +116,33 @@ class Quota:
     project_key: str
 
 
+class Purse:
+    """Units of one shared bucket, taken `chunk` at a time and spent call by call.
+
+    Thread-safe: a caller that finds the purse short takes the next chunk (waiting
+    until the bucket grants it) while the others wait for the purse, so chunks are
+    taken one at a time, in order, and never more than needed.
+    """
+
+    def __init__(self, limits: Limiter, name: str, key: str, chunk: float) -> None:
+        self._limits = limits
+        self._name = name
+        self._key = key
+        self._chunk = chunk
+        self._units = 0.0
+        self._lock = threading.Lock()
+
+    def spend(self, cost: float) -> None:
+        if cost <= 0:
+            return
+        with self._lock:
+            if self._units < cost:
+                take = max(self._chunk, cost - self._units)
+                self._limits.acquire(self._name, self._key, take)
+                self._units += take
+            self._units -= cost
+
+
 class Client:
     """One Google API as one subject, safe to call from several threads."""
 
@@ -119,12 +156,27 @@ class Client:
         sleep: Sleep,
         attempts: int,
         quota: Quota | None = None,
+        in_flight: int | None = None,
     ) -> None:
         self._credentials = credentials
         self._sleep = sleep
         self._attempts = attempts
         self._quota = quota
+        self._purses = (
+            (
+                Purse(quota.limits, USER_QUOTA.name, quota.user_key, USER_CHUNK),
+                Purse(quota.limits, PROJECT_QUOTA.name, quota.project_key, PROJECT_CHUNK),
+            )
+            if quota is not None
+            else ()
+        )
         self._local = threading.local()
+        # At most this many of this client's requests at once, whatever the number of
+        # threads calling it (the fetch runs more threads than that, so that a slow
+        # request at the head of the hand-over order does not leave the others idle).
+        self._requests: AbstractContextManager[Any] = (
+            threading.BoundedSemaphore(in_flight) if in_flight else nullcontext()
+        )
         options = {"api_endpoint": endpoint} if endpoint else None
         self.service = build(
             api,
@@ -139,11 +191,19 @@ class Client:
         """Execute the request `make(service)` returns, within the quota, with retries."""
 
         def attempt() -> JsonDict:
-            with self._in_flight():
-                if self._quota is not None:
-                    self._quota.limits.acquire(USER_QUOTA.name, self._quota.user_key, cost)
-                    self._quota.limits.acquire(PROJECT_QUOTA.name, self._quota.project_key, cost)
-                return execute(make(self.service), self._http())
+            # In turn with this client's other requests, then within the quota, then
+            # in one of the user's places shared by every worker. The place is taken
+            # after the quota wait, so it is held only while Google holds the request:
+            # a worker killed mid-run leaves only its requests in flight to expire, not
+            # every thread that was waiting for quota (the worker resuming the user
+            # would wait a lease for them). One worker reads a user at a time, with
+            # at most as many requests as places, so the quota is never spent on a
+            # request that then waits long for its place.
+            with self._requests:
+                for purse in self._purses:
+                    purse.spend(cost)
+                with self._in_flight():
+                    return execute(make(self.service), self._http())
 
         return with_retries(attempt, attempts=self._attempts, sleep=self._sleep)
 
@@ -181,6 +241,7 @@ def _http_error(exc: HttpError) -> Exception:
         return RetryLater(
             f"HTTP {status} {reason or ''} {message}".strip()[:MAX_QUOTED],
             retry_after=retry_after_seconds(exc.resp.get("retry-after")),
+            throttled=status == 429 or reason in RATE_LIMIT_REASONS,
         )
     return ApiRefused(status, reason, message[:MAX_QUOTED])
 

@@ -4,7 +4,9 @@ the history API, both resumable from the cursor of any batch.
 Import: `users.getProfile` first (its `historyId` is where the next sync starts),
 then `messages.list` page after page, and one `messages.get(format=raw)` per id
 the archive does not hold yet (`context.archive.archived_ids`), several in flight
-(`fetch_in_order`) and handed over in listed order.
+(`fetch_in_order`) and handed over in listed order. The ids it holds (a second
+import, a listing after the history expired) are handed over as known, without
+folder paths: nothing is downloaded, and the run counts them as already present.
 
 Sync: `history.list` from the stored `historyId` through every page; messages
 added, and messages whose labels changed: one not archived yet (restored from
@@ -68,6 +70,8 @@ MAX_BYTES_WAITING = 32 * 1024 * 1024
 MAX_FAILURES_IN_A_ROW = 20
 # The archive is asked about this many ids at once.
 LOOKUP_CHUNK = 1000
+# Fetches under way per request that may be in flight (see `_hand_over_all`).
+FETCH_WINDOW = 2
 
 # How a refused token becomes the provider's error (it knows the key and the admin).
 TokenRefusal = Callable[[TokenRefused, str], Exception]
@@ -202,9 +206,19 @@ class _Run:
                     continue
                 ids = [str(m["id"]) for m in page.get("messages") or () if m.get("id")]
                 todo = [i for i in ids if i not in done and i not in self.handled]
-                wanted = set(todo) - self._archived(todo)
+                archived = self._archived(todo)
+                wanted = set(todo) - archived
                 for message_id in ids:
-                    if message_id not in done:
+                    if message_id in done:
+                        continue
+                    if message_id in archived:
+                        # Reported as known, so that the run counts it as already
+                        # present; a listing carries no labels, so no folder path
+                        # is merged (a sync's history does report label changes).
+                        yield _Item(
+                            message_id, False, listed=True, page_token=token, known_paths=()
+                        )
+                    else:
                         fetch = message_id in wanted
                         yield _Item(message_id, fetch, listed=True, page_token=token)
                 token, done = page.get("nextPageToken"), set()
@@ -268,7 +282,10 @@ class _Run:
         results = fetch_in_order(
             self._fetch,
             items,
-            max_in_flight=self.in_flight,
+            # Twice as many fetches under way as requests may be in flight (the
+            # client lets `in_flight` of them call Gmail at once): while the message
+            # first in order is slow, the next ones keep the requests going.
+            max_in_flight=self.in_flight * FETCH_WINDOW,
             size_of=lambda r: len(r.raw) if isinstance(r, _Got) else 0,
             max_bytes_waiting=MAX_BYTES_WAITING,
             name="gmail",

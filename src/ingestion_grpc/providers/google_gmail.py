@@ -87,58 +87,57 @@ class GmailUser:
         self.client = client
         self.email = email
         self.include_spam_trash = include_spam_trash
+        # googleapiclient builds a resource's whole method table on every
+        # `service.users()` (about 1 ms: the discovery document walked again), so
+        # the resources are built once. They only make requests, which each call
+        # executes over its own thread's transport: sharing them is safe.
+        users = client.service.users()
+        self._users = users
+        self._labels = users.labels()
+        self._messages = users.messages()
+        self._history = users.history()
 
     def profile(self) -> JsonDict:
         return self.client.call(
-            lambda s: s.users().getProfile(userId="me", fields="emailAddress,historyId"),
+            lambda _: self._users.getProfile(userId="me", fields="emailAddress,historyId"),
             cost=COST_PROFILE,
         )
 
     def labels(self) -> JsonDict:
         return self.client.call(
-            lambda s: s.users().labels().list(userId="me", fields="labels(id,name,type)"),
+            lambda _: self._labels.list(userId="me", fields="labels(id,name,type)"),
             cost=COST_LABELS,
         )
 
     def list_page(self, page_token: str | None) -> JsonDict:
         return self.client.call(
-            lambda s: (
-                s.users()
-                .messages()
-                .list(
-                    userId="me",
-                    maxResults=PAGE_SIZE,
-                    pageToken=page_token,
-                    includeSpamTrash=self.include_spam_trash,
-                    fields="messages(id),nextPageToken",
-                )
+            lambda _: self._messages.list(
+                userId="me",
+                maxResults=PAGE_SIZE,
+                pageToken=page_token,
+                includeSpamTrash=self.include_spam_trash,
+                fields="messages(id),nextPageToken",
             ),
             cost=COST_LIST,
         )
 
     def get(self, message_id: str) -> JsonDict:
         return self.client.call(
-            lambda s: (
-                s.users()
-                .messages()
-                .get(userId="me", id=message_id, format="raw", fields=GET_FIELDS)
+            lambda _: self._messages.get(
+                userId="me", id=message_id, format="raw", fields=GET_FIELDS
             ),
             cost=COST_GET,
         )
 
     def history_page(self, start: str, page_token: str | None) -> JsonDict:
         return self.client.call(
-            lambda s: (
-                s.users()
-                .history()
-                .list(
-                    userId="me",
-                    startHistoryId=start,
-                    pageToken=page_token,
-                    maxResults=HISTORY_PAGE_SIZE,
-                    historyTypes=HISTORY_TYPES,
-                    fields=HISTORY_FIELDS,
-                )
+            lambda _: self._history.list(
+                userId="me",
+                startHistoryId=start,
+                pageToken=page_token,
+                maxResults=HISTORY_PAGE_SIZE,
+                historyTypes=HISTORY_TYPES,
+                fields=HISTORY_FIELDS,
             ),
             cost=COST_HISTORY,
         )

@@ -174,6 +174,10 @@ class GoogleWorkspace(Provider):
         """The user's mail after `cursor`, impersonating `mailbox.display_name`."""
         email = mailbox.display_name
         quota = Quota(context.limits, mailbox.id, self._project_key())
+        in_flight = max(
+            1,
+            int(self.environment.limit_overrides.get(USER_IN_FLIGHT.name, USER_IN_FLIGHT.limit)),
+        )
         client = Client(
             self._base_credentials().with_subject(email),
             "gmail",
@@ -182,15 +186,13 @@ class GoogleWorkspace(Provider):
             sleep=self.retry_sleep,
             attempts=self.retry_attempts,
             quota=quota,
+            in_flight=in_flight,
         )
         gmail = GmailUser(
             client, email, include_spam_trash=bool(self.config.get("includeSpamTrash"))
         )
-        in_flight = int(
-            self.environment.limit_overrides.get(USER_IN_FLIGHT.name, USER_IN_FLIGHT.limit)
-        )
         yield from fetch_user(
-            gmail, cursor, context, in_flight=max(1, in_flight), token_refusal=self._token_refusal
+            gmail, cursor, context, in_flight=in_flight, token_refusal=self._token_refusal
         )
 
     # --- credentials and errors ---------------------------------------------------

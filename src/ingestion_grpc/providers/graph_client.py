@@ -36,7 +36,11 @@ T = TypeVar("T")
 # 4 requests at once. A token bucket lets `burst` + `rate` x 600 requests through in
 # any 10 minutes: 50 + 16 x 600 = 9,650 stays under 10,000 with room for clock skew.
 MAILBOX_REQUESTS = RateLimit("graph_mailbox_requests", rate=16.0, burst=50.0)
-MAILBOX_CONCURRENCY = ConcurrencyLimit("graph_mailbox_concurrency", limit=4)
+# A place's lease is renewed every third of it while held; a worker killed holding
+# places gives them back when their leases run out. Graph requests are short (a
+# page, one message), so 10 s rather than the default 2 minutes: the mailbox's
+# next reader (the watchdog's retry, another source of the same app) waits no longer.
+MAILBOX_CONCURRENCY = ConcurrencyLimit("graph_mailbox_concurrency", limit=4, lease_seconds=10.0)
 
 GRAPH_VERSION = "v1.0"
 ATTEMPTS = 7
@@ -49,6 +53,8 @@ MAX_MESSAGE_BYTES = 200 * 1024 * 1024
 
 class Throttled(RetryLater):
     """Graph answered 429: this mailbox is over its limits."""
+
+    throttled = True
 
 
 class GraphError(Exception):

@@ -7,16 +7,22 @@ another folder keeps its id. Per delta page the archive is asked which ids it ho
 already: those are handed over as `KnownMessage`s (the folder path merged, nothing
 downloaded) and the others are downloaded, as many at a time as the mailbox's
 concurrency limit allows, handed over in page order. A batch ends with its page (or
-earlier, at BATCH_MESSAGES / BATCH_BYTES, with the page's handed-out ids in the
-cursor). An expired delta token (410, syncStateNotFound, resyncRequired,
-syncStateInvalid) starts that folder's round again: everything in it is listed again,
-and only ids the archive does not hold are downloaded. `@removed` entries are
+earlier, at BATCH_MESSAGES / BATCH_BYTES or BATCH_SECONDS after the last one, with
+the page's handed-out ids in the cursor). An expired delta token (410,
+syncStateNotFound, resyncRequired, syncStateInvalid) starts that folder's round
+again: everything in it is listed again, and only ids the archive does not hold are
+downloaded. `@removed` entries are
 ignored: an archive keeps what it archived.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,11 +60,30 @@ DELTA_PAGE = 100
 # A batch ends at the end of a delta page, or earlier at these sizes.
 BATCH_MESSAGES = 100
 BATCH_BYTES = 32 * 1024 * 1024
+# Paced at 16 requests/s, a page of 100 takes 6 s or more: the cursor, the run's
+# counters and the mailbox's heartbeat (which the engine takes from batches, and
+# its watchdog reads) then move every couple of seconds, whatever the pace.
+BATCH_SECONDS = 2.0
 # Downloaded bytes that may wait for their turn (in order) besides those in flight.
 MAX_BYTES_WAITING = 32 * 1024 * 1024
 # Attempts per $value; a message still failing after them is counted failed, kept in
 # the cursor and fetched again on the next run.
 VALUE_ATTEMPTS = 5
+
+# Steps (a download each, or a page's end) the delta pages are read ahead of the
+# downloads, in a thread of their own: the next page (and the next folder's first)
+# is asked for while the current one's messages download, so the mailbox's places
+# stay busy rather than idling for one round trip a page.
+STEPS_AHEAD = DELTA_PAGE + 2
+
+# Ids handed out that a fetch remembers. Those not yet in the archive are a few
+# batches' worth at most (about 400): the steps read ahead, the downloads in flight,
+# the batch being assembled, the one the engine reads ahead and the one it commits.
+# Memory stays the same for 1,000 or 100,000 messages (ids of real Graph are ~150
+# characters). An id
+# forgotten too early is looked up in the archive again, and at worst downloaded
+# once more: the archive still keeps one copy (same bytes, same mailbox).
+HANDED_KEPT = 1_000
 
 # Rounds of one folder started again in one fetch before Graph is deemed broken.
 MAX_RESTARTS = 3
@@ -143,8 +168,10 @@ class MailboxSync:
         self.concurrency = max(1, concurrency)
         self.name = name
         # Ids downloaded (or retried) in this fetch, by folder: the archive may not
-        # have stored them yet when a later page lists them again.
-        self._handed: dict[str, str] = {}
+        # have stored them yet when a later page lists them again. Only the latest
+        # HANDED_KEPT: older ones are in the archive by now, and a mailbox of 100,000
+        # messages must not keep 100,000 ids in memory.
+        self._handed: OrderedDict[str, str] = OrderedDict()
 
     def batches(
         self,
@@ -158,9 +185,10 @@ class MailboxSync:
             state.path = folder.path
             states[folder.id] = state
         assembler = _Assembler(states, cursor_json(saved) if cursor else None)
+        steps = _Ahead(self._steps(folders, states), STEPS_AHEAD, name=f"{self.name}-delta")
         ordered = fetch_in_order(
             self._download,
-            self._steps(folders, states),
+            steps,
             max_in_flight=self.concurrency,
             size_of=lambda o: len(o.raw) if o is not None and o.raw is not None else 0,
             max_bytes_waiting=MAX_BYTES_WAITING,
@@ -174,17 +202,18 @@ class MailboxSync:
             # wait for the downloads in flight now, not whenever it is collected.
             if isinstance(ordered, Generator):
                 ordered.close()
+            steps.close()
         yield from assembler.finish()
 
     def _steps(
         self, folders: Sequence[GraphFolder], states: Mapping[str, FolderState]
-    ) -> Iterator[_Step]:
+    ) -> Generator[_Step, None, None]:
         # Retries first, for every folder: a message that failed in one folder and has
         # moved to another since is then downloaded once, not once per folder.
         for folder in folders:
             for message_id in list(states[folder.id].failed):
                 if message_id not in self._handed:
-                    self._handed[message_id] = folder.id
+                    self._hand(message_id, folder.id)
                     yield _Step((), _Download(folder.id, None, message_id))
         for folder in folders:
             yield from self._delta(folder, states[folder.id])
@@ -239,7 +268,7 @@ class MailboxSync:
                 if before is not None or message_id in archived:
                     events.append(_Seen(folder.id, link, message_id, earlier=before is not None))
                     continue
-                self._handed[message_id] = folder.id
+                self._hand(message_id, folder.id)
                 yield _Step(tuple(events), _Download(folder.id, link, message_id))
                 events = []
             next_link, delta_link = page.get("@odata.nextLink"), page.get("@odata.deltaLink")
@@ -255,6 +284,11 @@ class MailboxSync:
             raise ProviderDataError(
                 f"{what}: Microsoft Graph answered a delta page without a nextLink or deltaLink"
             )
+
+    def _hand(self, message_id: str, folder_id: str) -> None:
+        self._handed[message_id] = folder_id
+        while len(self._handed) > HANDED_KEPT:
+            self._handed.popitem(last=False)
 
     def _download(self, step: _Step) -> _Outcome | None:
         if step.download is None:
@@ -283,6 +317,68 @@ class MailboxSync:
         return _Outcome(raw=raw)
 
 
+class _Ahead:
+    """Iterates `source` in a thread of its own, up to `size` items ahead of the caller.
+
+    The thread alone advances and closes `source`. An exception raised by `source` is
+    raised again, in order, where the caller asks for the item it was reading.
+    `close()` stops the thread at its next item; one request it has in flight then
+    finishes unread, as it would in any thread.
+    """
+
+    _END = object()
+
+    def __init__(self, source: Generator[_Step, None, None], size: int, *, name: str) -> None:
+        self._source = source
+        self._items: queue.Queue[Any] = queue.Queue(maxsize=max(1, size))
+        self._stop = threading.Event()
+        # In a copy of the caller's context: its log lines and metrics name the
+        # mailbox and provider the engine is working for.
+        self._thread = threading.Thread(
+            target=contextvars.copy_context().run, args=(self._read,), name=name, daemon=True
+        )
+        self._thread.start()
+
+    def __iter__(self) -> Iterator[_Step]:
+        return self
+
+    def __next__(self) -> _Step:
+        if self._stop.is_set():
+            raise StopIteration
+        item = self._items.get()
+        if item is self._END:
+            self._stop.set()
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._stop.set()
+            raise item
+        assert isinstance(item, _Step)
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _read(self) -> None:
+        try:
+            for item in self._source:
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as error:  # raised again in the caller's thread
+            self._put(error)
+        finally:
+            self._source.close()
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._items.put(item, timeout=0.1)
+            except queue.Full:
+                continue
+            return True
+        return False
+
+
 def _listed_ids(page: JsonDict) -> list[str]:
     """The ids of a delta page's messages in page order, once each, without @removed."""
     items = page.get("value")
@@ -298,8 +394,9 @@ class _Assembler:
     def __init__(self, states: dict[str, FolderState], cursor_in: JsonDict | None) -> None:
         self.states = states
         self.cursor_in = cursor_in
-        # Whether each download of this fetch succeeded, by message id.
-        self.fetched: dict[str, bool] = {}
+        # Whether each download of this fetch succeeded, by message id: the latest
+        # ones, enough for every id the steps may still name (see HANDED_KEPT).
+        self.fetched: OrderedDict[str, bool] = OrderedDict()
         # The page each folder's `seen` belongs to.
         self.page: dict[str, str] = {
             folder_id: state.next_link
@@ -309,6 +406,7 @@ class _Assembler:
         self._reset()
 
     def _reset(self) -> None:
+        self.cut_at = time.monotonic()
         self.messages: list[FetchedMessage] = []
         self.known: list[KnownMessage] = []
         self.skipped: list[Unfetched] = []
@@ -345,6 +443,8 @@ class _Assembler:
                 self.states.pop(event.folder, None)
                 self.page.pop(event.folder, None)
         if step.download is None or outcome is None:
+            if self._due():
+                yield self._batch()
             return
         download = step.download
         state = self.states[download.folder]
@@ -352,6 +452,9 @@ class _Assembler:
             self._see(download.folder, download.page, download.id)
         retry = download.page is None
         self.fetched[download.id] = outcome.raw is not None
+        self.fetched.move_to_end(download.id)
+        while len(self.fetched) > 2 * HANDED_KEPT:
+            self.fetched.popitem(last=False)
         if outcome.raw is not None:
             self.messages.append(FetchedMessage(outcome.raw, (state.path,), download.id))
             self.pending.add(download.id)
@@ -367,7 +470,7 @@ class _Assembler:
             for other in self.states.values():  # an older cursor may list it twice
                 if download.id in other.failed:
                     other.failed.remove(download.id)
-        if self.bytes >= BATCH_BYTES or len(self.messages) >= BATCH_MESSAGES:
+        if self.bytes >= BATCH_BYTES or len(self.messages) >= BATCH_MESSAGES or self._due():
             yield self._batch()
 
     def finish(self) -> Iterator[Batch]:
@@ -385,6 +488,9 @@ class _Assembler:
 
     def _has_content(self) -> bool:
         return bool(self.messages or self.known or self.skipped or self.failed)
+
+    def _due(self) -> bool:
+        return self._has_content() and time.monotonic() - self.cut_at >= BATCH_SECONDS
 
     def _batch(self) -> Batch:
         batch = Batch(

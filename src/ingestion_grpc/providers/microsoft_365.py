@@ -168,8 +168,12 @@ class Microsoft365(Provider):
         """The mailbox's batches after `cursor` (see `graph_sync`)."""
         client = self._client()
         gate = MailboxGate(context.limits, f"{self.config['clientId']}/{mailbox.id}")
+        name = f"graph-{mailbox.display_name}"  # its threads' names, for logs and py-spy
+        listed = list_folders(
+            client, mailbox.id, gate, concurrency=self.requests_in_flight(), name=name
+        )
         folders = globs.select(
-            list_folders(client, mailbox.id, gate),
+            listed,
             self.config.get("includeFolders"),
             self.config.get("excludeFolders"),
             key=lambda folder: folder.path,
@@ -180,7 +184,7 @@ class Microsoft365(Provider):
             gate,
             context.archive,
             concurrency=self.requests_in_flight(),
-            name=f"graph-{mailbox.display_name}",
+            name=name,
         )
         yield from sync.batches(folders, cursor)
 

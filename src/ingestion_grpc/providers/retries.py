@@ -6,6 +6,10 @@ is one declaration: a provider raises `RetryLater` from its call wrapper for wha
 may succeed later (429, 5xx, a dropped connection), and `with_retries` waits
 `max(Retry-After, random exponential)` before the next attempt. When the attempts
 are used up the last `RetryLater` is raised again for the provider to translate.
+
+Every attempt is counted here, for the metrics, by the provider the engine is
+working for (`telemetry.context`): requests, those worth retrying, and those
+refused as too many (a `RetryLater` with `throttled`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import tenacity
+
+from ingestion_grpc.telemetry import context, metrics
 
 T = TypeVar("T")
 
@@ -33,10 +39,18 @@ MAX_WAIT_SECONDS = 60.0
 class RetryLater(Exception):
     """Raised by a call wrapper when the request may succeed if tried again."""
 
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+    # Whether the service refused the request as one too many (HTTP 429, a
+    # rate-limit 403): counted apart, since it says the limits are set too high.
+    throttled: bool = False
+
+    def __init__(
+        self, reason: str, retry_after: float | None = None, *, throttled: bool | None = None
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        if throttled is not None:
+            self.throttled = throttled
 
 
 _jitter = tenacity.wait_random_exponential(multiplier=FIRST_WAIT_SECONDS, max=MAX_WAIT_SECONDS)
@@ -65,6 +79,18 @@ def with_retries(
     sleep: Callable[[float], None] = tenacity.nap.sleep,
 ) -> T:
     """`call()`, tried up to `attempts` times while it raises RetryLater."""
+    provider = context.provider() or "unknown"
+
+    def counted() -> T:
+        metrics.PROVIDER_REQUESTS.labels(provider).inc()
+        try:
+            return call()
+        except RetryLater as error:
+            metrics.PROVIDER_RETRIES.labels(provider).inc()
+            if error.throttled:
+                metrics.PROVIDER_THROTTLED.labels(provider).inc()
+            raise
+
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception_type(RetryLater),
         wait=_wait,
@@ -73,7 +99,7 @@ def with_retries(
         sleep=sleep,
         reraise=True,
     )
-    return retrying(call)
+    return retrying(counted)
 
 
 def retry_after_seconds(value: str | None) -> float | None:

@@ -26,15 +26,17 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from ingestion.v1 import resources_pb2 as ingestion_dot_v1_dot_resources__pb2
+from ingestion.v1 import rest_options_pb2 as ingestion_dot_v1_dot_rest__options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"ingestion/v1/archive_service.proto\x12\x0cingestion.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/httpbody.proto\x1a\x1cingestion/v1/resources.proto\"g\n\x19ListArchivedEmailsRequest\x12\x17\n\tsource_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"\x7f\n\x1aListArchivedEmailsResponse\x12\x34\n\x0f\x61rchived_emails\x18\x01 \x03(\x0b\x32\x1b.ingestion.v1.ArchivedEmail\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"+\n\x17GetArchivedEmailRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\".\n\x1aGetArchivedEmailRawRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x32\xae\x03\n\x0e\x41rchiveService\x12\xa2\x01\n\x12ListArchivedEmails\x12\'.ingestion.v1.ListArchivedEmailsRequest\x1a(.ingestion.v1.ListArchivedEmailsResponse\"9\x82\xd3\xe4\x93\x02\x33\x12\x31/v1/ingestion-sources/{source_id}/archived-emails\x12x\n\x10GetArchivedEmail\x12%.ingestion.v1.GetArchivedEmailRequest\x1a\x1b.ingestion.v1.ArchivedEmail\" \x82\xd3\xe4\x93\x02\x1a\x12\x18/v1/archived-emails/{id}\x12}\n\x13GetArchivedEmailRaw\x12(.ingestion.v1.GetArchivedEmailRawRequest\x1a\x14.google.api.HttpBody\"$\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/archived-emails/{id}/raw0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"ingestion/v1/archive_service.proto\x12\x0cingestion.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/httpbody.proto\x1a\x1cingestion/v1/resources.proto\x1a\x1fingestion/v1/rest_options.proto\"g\n\x19ListArchivedEmailsRequest\x12\x17\n\tsource_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"\x7f\n\x1aListArchivedEmailsResponse\x12\x34\n\x0f\x61rchived_emails\x18\x01 \x03(\x0b\x32\x1b.ingestion.v1.ArchivedEmail\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"+\n\x17GetArchivedEmailRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\".\n\x1aGetArchivedEmailRawRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x32\xc3\x03\n\x0e\x41rchiveService\x12\xa2\x01\n\x12ListArchivedEmails\x12\'.ingestion.v1.ListArchivedEmailsRequest\x1a(.ingestion.v1.ListArchivedEmailsResponse\"9\x82\xd3\xe4\x93\x02\x33\x12\x31/v1/ingestion-sources/{source_id}/archived-emails\x12x\n\x10GetArchivedEmail\x12%.ingestion.v1.GetArchivedEmailRequest\x1a\x1b.ingestion.v1.ArchivedEmail\" \x82\xd3\xe4\x93\x02\x1a\x12\x18/v1/archived-emails/{id}\x12\x91\x01\n\x13GetArchivedEmailRaw\x12(.ingestion.v1.GetArchivedEmailRawRequest\x1a\x14.google.api.HttpBody\"8\xe2\xf9\x18\x10\x1a\x0emessage/rfc822\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/archived-emails/{id}/raw0\x01\x42\x9b\x01\n\x18\x63om.example.ingestion.v1B\x13\x41rchiveServiceProtoP\x01Z:example.com/ingestion-grpc/gen/go/ingestion/v1;ingestionv1\xaa\x02\x0cIngestion.V1\xca\x02\x0cIngestion\\V1\xea\x02\rIngestion::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ingestion.v1.archive_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\030com.example.ingestion.v1B\023ArchiveServiceProtoP\001Z:example.com/ingestion-grpc/gen/go/ingestion/v1;ingestionv1\252\002\014Ingestion.V1\312\002\014Ingestion\\V1\352\002\rIngestion::V1'
   _globals['_LISTARCHIVEDEMAILSREQUEST'].fields_by_name['source_id']._loaded_options = None
   _globals['_LISTARCHIVEDEMAILSREQUEST'].fields_by_name['source_id']._serialized_options = b'\342A\001\002'
   _globals['_LISTARCHIVEDEMAILSREQUEST'].fields_by_name['page_size']._loaded_options = None
@@ -50,15 +52,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ARCHIVESERVICE'].methods_by_name['GetArchivedEmail']._loaded_options = None
   _globals['_ARCHIVESERVICE'].methods_by_name['GetArchivedEmail']._serialized_options = b'\202\323\344\223\002\032\022\030/v1/archived-emails/{id}'
   _globals['_ARCHIVESERVICE'].methods_by_name['GetArchivedEmailRaw']._loaded_options = None
-  _globals['_ARCHIVESERVICE'].methods_by_name['GetArchivedEmailRaw']._serialized_options = b'\202\323\344\223\002\036\022\034/v1/archived-emails/{id}/raw'
-  _globals['_LISTARCHIVEDEMAILSREQUEST']._serialized_start=172
-  _globals['_LISTARCHIVEDEMAILSREQUEST']._serialized_end=275
-  _globals['_LISTARCHIVEDEMAILSRESPONSE']._serialized_start=277
-  _globals['_LISTARCHIVEDEMAILSRESPONSE']._serialized_end=404
-  _globals['_GETARCHIVEDEMAILREQUEST']._serialized_start=406
-  _globals['_GETARCHIVEDEMAILREQUEST']._serialized_end=449
-  _globals['_GETARCHIVEDEMAILRAWREQUEST']._serialized_start=451
-  _globals['_GETARCHIVEDEMAILRAWREQUEST']._serialized_end=497
-  _globals['_ARCHIVESERVICE']._serialized_start=500
-  _globals['_ARCHIVESERVICE']._serialized_end=930
+  _globals['_ARCHIVESERVICE'].methods_by_name['GetArchivedEmailRaw']._serialized_options = b'\342\371\030\020\032\016message/rfc822\202\323\344\223\002\036\022\034/v1/archived-emails/{id}/raw'
+  _globals['_LISTARCHIVEDEMAILSREQUEST']._serialized_start=205
+  _globals['_LISTARCHIVEDEMAILSREQUEST']._serialized_end=308
+  _globals['_LISTARCHIVEDEMAILSRESPONSE']._serialized_start=310
+  _globals['_LISTARCHIVEDEMAILSRESPONSE']._serialized_end=437
+  _globals['_GETARCHIVEDEMAILREQUEST']._serialized_start=439
+  _globals['_GETARCHIVEDEMAILREQUEST']._serialized_end=482
+  _globals['_GETARCHIVEDEMAILRAWREQUEST']._serialized_start=484
+  _globals['_GETARCHIVEDEMAILRAWREQUEST']._serialized_end=530
+  _globals['_ARCHIVESERVICE']._serialized_start=533
+  _globals['_ARCHIVESERVICE']._serialized_end=984
 # @@protoc_insertion_point(module_scope)

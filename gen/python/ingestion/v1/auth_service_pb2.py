@@ -26,15 +26,17 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from ingestion.v1 import resources_pb2 as ingestion_dot_v1_dot_resources__pb2
+from ingestion.v1 import rest_options_pb2 as ingestion_dot_v1_dot_rest__options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fingestion/v1/auth_service.proto\x12\x0cingestion.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1cingestion/v1/resources.proto\"<\n\x0cLoginRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\x08password\x18\x02 \x01(\tB\x05\xe2\x41\x02\x02\x04\"S\n\rLoginResponse\x12\x1a\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12&\n\x04user\x18\x02 \x01(\x0b\x32\x12.ingestion.v1.UserB\x04\xe2\x41\x01\x03\"H\n\x13\x43reateApiKeyRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1d\n\x0f\x65xpires_in_days\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x02\"\x14\n\x12ListApiKeysRequest\"=\n\x13ListApiKeysResponse\x12&\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x14.ingestion.v1.ApiKey\"\'\n\x13\x44\x65leteApiKeyRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x32j\n\x0b\x41uthService\x12[\n\x05Login\x12\x1a.ingestion.v1.LoginRequest\x1a\x1b.ingestion.v1.LoginResponse\"\x19\x82\xd3\xe4\x93\x02\x13\"\x0e/v1/auth/login:\x01*2\xc1\x02\n\rApiKeyService\x12`\n\x0c\x43reateApiKey\x12!.ingestion.v1.CreateApiKeyRequest\x1a\x14.ingestion.v1.ApiKey\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/api-keys:\x01*\x12h\n\x0bListApiKeys\x12 .ingestion.v1.ListApiKeysRequest\x1a!.ingestion.v1.ListApiKeysResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/api-keys\x12\x64\n\x0c\x44\x65leteApiKey\x12!.ingestion.v1.DeleteApiKeyRequest\x1a\x16.google.protobuf.Empty\"\x19\x82\xd3\xe4\x93\x02\x13*\x11/v1/api-keys/{id}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fingestion/v1/auth_service.proto\x12\x0cingestion.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1cingestion/v1/resources.proto\x1a\x1fingestion/v1/rest_options.proto\"<\n\x0cLoginRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\x08password\x18\x02 \x01(\tB\x05\xe2\x41\x02\x02\x04\"S\n\rLoginResponse\x12\x1a\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12&\n\x04user\x18\x02 \x01(\x0b\x32\x12.ingestion.v1.UserB\x04\xe2\x41\x01\x03\"H\n\x13\x43reateApiKeyRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1d\n\x0f\x65xpires_in_days\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x02\"\x14\n\x12ListApiKeysRequest\"=\n\x13ListApiKeysResponse\x12&\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x14.ingestion.v1.ApiKey\"\'\n\x13\x44\x65leteApiKeyRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x32j\n\x0b\x41uthService\x12[\n\x05Login\x12\x1a.ingestion.v1.LoginRequest\x1a\x1b.ingestion.v1.LoginResponse\"\x19\x82\xd3\xe4\x93\x02\x13\"\x0e/v1/auth/login:\x01*2\xcf\x02\n\rApiKeyService\x12g\n\x0c\x43reateApiKey\x12!.ingestion.v1.CreateApiKeyRequest\x1a\x14.ingestion.v1.ApiKey\"\x1e\xe2\xf9\x18\x03\x08\xc9\x01\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/api-keys:\x01*\x12h\n\x0bListApiKeys\x12 .ingestion.v1.ListApiKeysRequest\x1a!.ingestion.v1.ListApiKeysResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/api-keys\x12k\n\x0c\x44\x65leteApiKey\x12!.ingestion.v1.DeleteApiKeyRequest\x1a\x16.google.protobuf.Empty\" \xe2\xf9\x18\x03\x08\xcc\x01\x82\xd3\xe4\x93\x02\x13*\x11/v1/api-keys/{id}B\x98\x01\n\x18\x63om.example.ingestion.v1B\x10\x41uthServiceProtoP\x01Z:example.com/ingestion-grpc/gen/go/ingestion/v1;ingestionv1\xaa\x02\x0cIngestion.V1\xca\x02\x0cIngestion\\V1\xea\x02\rIngestion::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ingestion.v1.auth_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\030com.example.ingestion.v1B\020AuthServiceProtoP\001Z:example.com/ingestion-grpc/gen/go/ingestion/v1;ingestionv1\252\002\014Ingestion.V1\312\002\014Ingestion\\V1\352\002\rIngestion::V1'
   _globals['_LOGINREQUEST'].fields_by_name['email']._loaded_options = None
   _globals['_LOGINREQUEST'].fields_by_name['email']._serialized_options = b'\342A\001\002'
   _globals['_LOGINREQUEST'].fields_by_name['password']._loaded_options = None
@@ -52,25 +54,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUTHSERVICE'].methods_by_name['Login']._loaded_options = None
   _globals['_AUTHSERVICE'].methods_by_name['Login']._serialized_options = b'\202\323\344\223\002\023\"\016/v1/auth/login:\001*'
   _globals['_APIKEYSERVICE'].methods_by_name['CreateApiKey']._loaded_options = None
-  _globals['_APIKEYSERVICE'].methods_by_name['CreateApiKey']._serialized_options = b'\202\323\344\223\002\021\"\014/v1/api-keys:\001*'
+  _globals['_APIKEYSERVICE'].methods_by_name['CreateApiKey']._serialized_options = b'\342\371\030\003\010\311\001\202\323\344\223\002\021\"\014/v1/api-keys:\001*'
   _globals['_APIKEYSERVICE'].methods_by_name['ListApiKeys']._loaded_options = None
   _globals['_APIKEYSERVICE'].methods_by_name['ListApiKeys']._serialized_options = b'\202\323\344\223\002\016\022\014/v1/api-keys'
   _globals['_APIKEYSERVICE'].methods_by_name['DeleteApiKey']._loaded_options = None
-  _globals['_APIKEYSERVICE'].methods_by_name['DeleteApiKey']._serialized_options = b'\202\323\344\223\002\023*\021/v1/api-keys/{id}'
-  _globals['_LOGINREQUEST']._serialized_start=171
-  _globals['_LOGINREQUEST']._serialized_end=231
-  _globals['_LOGINRESPONSE']._serialized_start=233
-  _globals['_LOGINRESPONSE']._serialized_end=316
-  _globals['_CREATEAPIKEYREQUEST']._serialized_start=318
-  _globals['_CREATEAPIKEYREQUEST']._serialized_end=390
-  _globals['_LISTAPIKEYSREQUEST']._serialized_start=392
-  _globals['_LISTAPIKEYSREQUEST']._serialized_end=412
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=414
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=475
-  _globals['_DELETEAPIKEYREQUEST']._serialized_start=477
-  _globals['_DELETEAPIKEYREQUEST']._serialized_end=516
-  _globals['_AUTHSERVICE']._serialized_start=518
-  _globals['_AUTHSERVICE']._serialized_end=624
-  _globals['_APIKEYSERVICE']._serialized_start=627
-  _globals['_APIKEYSERVICE']._serialized_end=948
+  _globals['_APIKEYSERVICE'].methods_by_name['DeleteApiKey']._serialized_options = b'\342\371\030\003\010\314\001\202\323\344\223\002\023*\021/v1/api-keys/{id}'
+  _globals['_LOGINREQUEST']._serialized_start=204
+  _globals['_LOGINREQUEST']._serialized_end=264
+  _globals['_LOGINRESPONSE']._serialized_start=266
+  _globals['_LOGINRESPONSE']._serialized_end=349
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=351
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=423
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=425
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=445
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=447
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=508
+  _globals['_DELETEAPIKEYREQUEST']._serialized_start=510
+  _globals['_DELETEAPIKEYREQUEST']._serialized_end=549
+  _globals['_AUTHSERVICE']._serialized_start=551
+  _globals['_AUTHSERVICE']._serialized_end=657
+  _globals['_APIKEYSERVICE']._serialized_start=660
+  _globals['_APIKEYSERVICE']._serialized_end=995
 # @@protoc_insertion_point(module_scope)

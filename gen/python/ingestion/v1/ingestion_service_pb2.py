@@ -27,15 +27,17 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from ingestion.v1 import resources_pb2 as ingestion_dot_v1_dot_resources__pb2
+from ingestion.v1 import rest_options_pb2 as ingestion_dot_v1_dot_rest__options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$ingestion/v1/ingestion_service.proto\x12\x0cingestion.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1cingestion/v1/resources.proto\"\x83\x01\n\x1c\x43reateIngestionSourceRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08provider\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x37\n\x0fprovider_config\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructB\x05\xe2\x41\x02\x02\x04\"\x1d\n\x1bListIngestionSourcesRequest\"-\n\x19GetIngestionSourceRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\xdb\x01\n\x1cUpdateIngestionSourceRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\x04name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01H\x00\x88\x01\x01\x12\x1b\n\x08provider\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01H\x01\x88\x01\x01\x12\x19\n\x06status\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01H\x02\x88\x01\x01\x12\x37\n\x0fprovider_config\x18\x05 \x01(\x0b\x32\x17.google.protobuf.StructB\x05\xe2\x41\x02\x01\x04\x42\x07\n\x05_nameB\x0b\n\t_providerB\t\n\x07_status\"0\n\x1c\x44\x65leteIngestionSourceRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"/\n\x1bTriggerInitialImportRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"/\n\x1bPauseIngestionSourceRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"$\n\x10\x46orceSyncRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"Q\n\x19OperationAcceptedResponse\x12\x15\n\x07message\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1d\n\x0fsync_session_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\"^\n\x17ListSyncSessionsRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"e\n\x18ListSyncSessionsResponse\x12\x30\n\rsync_sessions\x18\x01 \x03(\x0b\x32\x19.ingestion.v1.SyncSession\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x80\x01\n\x1fListSyncSessionMailboxesRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nsession_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tpage_size\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"p\n ListSyncSessionMailboxesResponse\x12\x33\n\tmailboxes\x18\x01 \x03(\x0b\x32 .ingestion.v1.SyncSessionMailbox\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xb6\x0b\n\x10IngestionService\x12\x84\x01\n\x15\x43reateIngestionSource\x12*.ingestion.v1.CreateIngestionSourceRequest\x1a\x1d.ingestion.v1.IngestionSource\" \x82\xd3\xe4\x93\x02\x1a\"\x15/v1/ingestion-sources:\x01*\x12\x81\x01\n\x14ListIngestionSources\x12).ingestion.v1.ListIngestionSourcesRequest\x1a\x1d.ingestion.v1.IngestionSource\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/ingestion-sources0\x01\x12\x80\x01\n\x12GetIngestionSource\x12\'.ingestion.v1.GetIngestionSourceRequest\x1a\x1d.ingestion.v1.IngestionSource\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/ingestion-sources/{id}\x12\x89\x01\n\x15UpdateIngestionSource\x12*.ingestion.v1.UpdateIngestionSourceRequest\x1a\x1d.ingestion.v1.IngestionSource\"%\x82\xd3\xe4\x93\x02\x1f\x1a\x1a/v1/ingestion-sources/{id}:\x01*\x12\x7f\n\x15\x44\x65leteIngestionSource\x12*.ingestion.v1.DeleteIngestionSourceRequest\x1a\x16.google.protobuf.Empty\"\"\x82\xd3\xe4\x93\x02\x1c*\x1a/v1/ingestion-sources/{id}\x12\x98\x01\n\x14TriggerInitialImport\x12).ingestion.v1.TriggerInitialImportRequest\x1a\'.ingestion.v1.OperationAcceptedResponse\",\x82\xd3\xe4\x93\x02&\"!/v1/ingestion-sources/{id}/import:\x01*\x12\x8d\x01\n\x14PauseIngestionSource\x12).ingestion.v1.PauseIngestionSourceRequest\x1a\x1d.ingestion.v1.IngestionSource\"+\x82\xd3\xe4\x93\x02%\" /v1/ingestion-sources/{id}/pause:\x01*\x12\x80\x01\n\tForceSync\x12\x1e.ingestion.v1.ForceSyncRequest\x1a\'.ingestion.v1.OperationAcceptedResponse\"*\x82\xd3\xe4\x93\x02$\"\x1f/v1/ingestion-sources/{id}/sync:\x01*\x12\x93\x01\n\x10ListSyncSessions\x12%.ingestion.v1.ListSyncSessionsRequest\x1a&.ingestion.v1.ListSyncSessionsResponse\"0\x82\xd3\xe4\x93\x02*\x12(/v1/ingestion-sources/{id}/sync-sessions\x12\xc2\x01\n\x18ListSyncSessionMailboxes\x12-.ingestion.v1.ListSyncSessionMailboxesRequest\x1a..ingestion.v1.ListSyncSessionMailboxesResponse\"G\x82\xd3\xe4\x93\x02\x41\x12?/v1/ingestion-sources/{id}/sync-sessions/{session_id}/mailboxesb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$ingestion/v1/ingestion_service.proto\x12\x0cingestion.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1cingestion/v1/resources.proto\x1a\x1fingestion/v1/rest_options.proto\"\x83\x01\n\x1c\x43reateIngestionSourceRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08provider\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x37\n\x0fprovider_config\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructB\x05\xe2\x41\x02\x02\x04\"\x1d\n\x1bListIngestionSourcesRequest\"-\n\x19GetIngestionSourceRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\xdb\x01\n\x1cUpdateIngestionSourceRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\x04name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01H\x00\x88\x01\x01\x12\x1b\n\x08provider\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01H\x01\x88\x01\x01\x12\x19\n\x06status\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01H\x02\x88\x01\x01\x12\x37\n\x0fprovider_config\x18\x05 \x01(\x0b\x32\x17.google.protobuf.StructB\x05\xe2\x41\x02\x01\x04\x42\x07\n\x05_nameB\x0b\n\t_providerB\t\n\x07_status\"0\n\x1c\x44\x65leteIngestionSourceRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"/\n\x1bTriggerInitialImportRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"/\n\x1bPauseIngestionSourceRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"$\n\x10\x46orceSyncRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"Q\n\x19OperationAcceptedResponse\x12\x15\n\x07message\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1d\n\x0fsync_session_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\"^\n\x17ListSyncSessionsRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"e\n\x18ListSyncSessionsResponse\x12\x30\n\rsync_sessions\x18\x01 \x03(\x0b\x32\x19.ingestion.v1.SyncSession\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x80\x01\n\x1fListSyncSessionMailboxesRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nsession_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tpage_size\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x04 \x01(\tB\x04\xe2\x41\x01\x01\"p\n ListSyncSessionMailboxesResponse\x12\x33\n\tmailboxes\x18\x01 \x03(\x0b\x32 .ingestion.v1.SyncSessionMailbox\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xe3\x0b\n\x10IngestionService\x12\x8b\x01\n\x15\x43reateIngestionSource\x12*.ingestion.v1.CreateIngestionSourceRequest\x1a\x1d.ingestion.v1.IngestionSource\"\'\xe2\xf9\x18\x03\x08\xc9\x01\x82\xd3\xe4\x93\x02\x1a\"\x15/v1/ingestion-sources:\x01*\x12\x81\x01\n\x14ListIngestionSources\x12).ingestion.v1.ListIngestionSourcesRequest\x1a\x1d.ingestion.v1.IngestionSource\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/ingestion-sources0\x01\x12\x80\x01\n\x12GetIngestionSource\x12\'.ingestion.v1.GetIngestionSourceRequest\x1a\x1d.ingestion.v1.IngestionSource\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/ingestion-sources/{id}\x12\x91\x01\n\x15UpdateIngestionSource\x12*.ingestion.v1.UpdateIngestionSourceRequest\x1a\x1d.ingestion.v1.IngestionSource\"-\xe2\xf9\x18\x04\x12\x02\x99\x03\x82\xd3\xe4\x93\x02\x1f\x1a\x1a/v1/ingestion-sources/{id}:\x01*\x12\x86\x01\n\x15\x44\x65leteIngestionSource\x12*.ingestion.v1.DeleteIngestionSourceRequest\x1a\x16.google.protobuf.Empty\")\xe2\xf9\x18\x03\x08\xcc\x01\x82\xd3\xe4\x93\x02\x1c*\x1a/v1/ingestion-sources/{id}\x12\xa3\x01\n\x14TriggerInitialImport\x12).ingestion.v1.TriggerInitialImportRequest\x1a\'.ingestion.v1.OperationAcceptedResponse\"7\xe2\xf9\x18\x07\x08\xca\x01\x12\x02\x99\x03\x82\xd3\xe4\x93\x02&\"!/v1/ingestion-sources/{id}/import:\x01*\x12\x8d\x01\n\x14PauseIngestionSource\x12).ingestion.v1.PauseIngestionSourceRequest\x1a\x1d.ingestion.v1.IngestionSource\"+\x82\xd3\xe4\x93\x02%\" /v1/ingestion-sources/{id}/pause:\x01*\x12\x8b\x01\n\tForceSync\x12\x1e.ingestion.v1.ForceSyncRequest\x1a\'.ingestion.v1.OperationAcceptedResponse\"5\xe2\xf9\x18\x07\x08\xca\x01\x12\x02\x99\x03\x82\xd3\xe4\x93\x02$\"\x1f/v1/ingestion-sources/{id}/sync:\x01*\x12\x93\x01\n\x10ListSyncSessions\x12%.ingestion.v1.ListSyncSessionsRequest\x1a&.ingestion.v1.ListSyncSessionsResponse\"0\x82\xd3\xe4\x93\x02*\x12(/v1/ingestion-sources/{id}/sync-sessions\x12\xc2\x01\n\x18ListSyncSessionMailboxes\x12-.ingestion.v1.ListSyncSessionMailboxesRequest\x1a..ingestion.v1.ListSyncSessionMailboxesResponse\"G\x82\xd3\xe4\x93\x02\x41\x12?/v1/ingestion-sources/{id}/sync-sessions/{session_id}/mailboxesB\x9d\x01\n\x18\x63om.example.ingestion.v1B\x15IngestionServiceProtoP\x01Z:example.com/ingestion-grpc/gen/go/ingestion/v1;ingestionv1\xaa\x02\x0cIngestion.V1\xca\x02\x0cIngestion\\V1\xea\x02\rIngestion::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ingestion.v1.ingestion_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\030com.example.ingestion.v1B\025IngestionServiceProtoP\001Z:example.com/ingestion-grpc/gen/go/ingestion/v1;ingestionv1\252\002\014Ingestion.V1\312\002\014Ingestion\\V1\352\002\rIngestion::V1'
   _globals['_CREATEINGESTIONSOURCEREQUEST'].fields_by_name['name']._loaded_options = None
   _globals['_CREATEINGESTIONSOURCEREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
   _globals['_CREATEINGESTIONSOURCEREQUEST'].fields_by_name['provider']._loaded_options = None
@@ -81,51 +83,51 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTSYNCSESSIONMAILBOXESREQUEST'].fields_by_name['page_token']._loaded_options = None
   _globals['_LISTSYNCSESSIONMAILBOXESREQUEST'].fields_by_name['page_token']._serialized_options = b'\342A\001\001'
   _globals['_INGESTIONSERVICE'].methods_by_name['CreateIngestionSource']._loaded_options = None
-  _globals['_INGESTIONSERVICE'].methods_by_name['CreateIngestionSource']._serialized_options = b'\202\323\344\223\002\032\"\025/v1/ingestion-sources:\001*'
+  _globals['_INGESTIONSERVICE'].methods_by_name['CreateIngestionSource']._serialized_options = b'\342\371\030\003\010\311\001\202\323\344\223\002\032\"\025/v1/ingestion-sources:\001*'
   _globals['_INGESTIONSERVICE'].methods_by_name['ListIngestionSources']._loaded_options = None
   _globals['_INGESTIONSERVICE'].methods_by_name['ListIngestionSources']._serialized_options = b'\202\323\344\223\002\027\022\025/v1/ingestion-sources'
   _globals['_INGESTIONSERVICE'].methods_by_name['GetIngestionSource']._loaded_options = None
   _globals['_INGESTIONSERVICE'].methods_by_name['GetIngestionSource']._serialized_options = b'\202\323\344\223\002\034\022\032/v1/ingestion-sources/{id}'
   _globals['_INGESTIONSERVICE'].methods_by_name['UpdateIngestionSource']._loaded_options = None
-  _globals['_INGESTIONSERVICE'].methods_by_name['UpdateIngestionSource']._serialized_options = b'\202\323\344\223\002\037\032\032/v1/ingestion-sources/{id}:\001*'
+  _globals['_INGESTIONSERVICE'].methods_by_name['UpdateIngestionSource']._serialized_options = b'\342\371\030\004\022\002\231\003\202\323\344\223\002\037\032\032/v1/ingestion-sources/{id}:\001*'
   _globals['_INGESTIONSERVICE'].methods_by_name['DeleteIngestionSource']._loaded_options = None
-  _globals['_INGESTIONSERVICE'].methods_by_name['DeleteIngestionSource']._serialized_options = b'\202\323\344\223\002\034*\032/v1/ingestion-sources/{id}'
+  _globals['_INGESTIONSERVICE'].methods_by_name['DeleteIngestionSource']._serialized_options = b'\342\371\030\003\010\314\001\202\323\344\223\002\034*\032/v1/ingestion-sources/{id}'
   _globals['_INGESTIONSERVICE'].methods_by_name['TriggerInitialImport']._loaded_options = None
-  _globals['_INGESTIONSERVICE'].methods_by_name['TriggerInitialImport']._serialized_options = b'\202\323\344\223\002&\"!/v1/ingestion-sources/{id}/import:\001*'
+  _globals['_INGESTIONSERVICE'].methods_by_name['TriggerInitialImport']._serialized_options = b'\342\371\030\007\010\312\001\022\002\231\003\202\323\344\223\002&\"!/v1/ingestion-sources/{id}/import:\001*'
   _globals['_INGESTIONSERVICE'].methods_by_name['PauseIngestionSource']._loaded_options = None
   _globals['_INGESTIONSERVICE'].methods_by_name['PauseIngestionSource']._serialized_options = b'\202\323\344\223\002%\" /v1/ingestion-sources/{id}/pause:\001*'
   _globals['_INGESTIONSERVICE'].methods_by_name['ForceSync']._loaded_options = None
-  _globals['_INGESTIONSERVICE'].methods_by_name['ForceSync']._serialized_options = b'\202\323\344\223\002$\"\037/v1/ingestion-sources/{id}/sync:\001*'
+  _globals['_INGESTIONSERVICE'].methods_by_name['ForceSync']._serialized_options = b'\342\371\030\007\010\312\001\022\002\231\003\202\323\344\223\002$\"\037/v1/ingestion-sources/{id}/sync:\001*'
   _globals['_INGESTIONSERVICE'].methods_by_name['ListSyncSessions']._loaded_options = None
   _globals['_INGESTIONSERVICE'].methods_by_name['ListSyncSessions']._serialized_options = b'\202\323\344\223\002*\022(/v1/ingestion-sources/{id}/sync-sessions'
   _globals['_INGESTIONSERVICE'].methods_by_name['ListSyncSessionMailboxes']._loaded_options = None
   _globals['_INGESTIONSERVICE'].methods_by_name['ListSyncSessionMailboxes']._serialized_options = b'\202\323\344\223\002A\022?/v1/ingestion-sources/{id}/sync-sessions/{session_id}/mailboxes'
-  _globals['_CREATEINGESTIONSOURCEREQUEST']._serialized_start=207
-  _globals['_CREATEINGESTIONSOURCEREQUEST']._serialized_end=338
-  _globals['_LISTINGESTIONSOURCESREQUEST']._serialized_start=340
-  _globals['_LISTINGESTIONSOURCESREQUEST']._serialized_end=369
-  _globals['_GETINGESTIONSOURCEREQUEST']._serialized_start=371
-  _globals['_GETINGESTIONSOURCEREQUEST']._serialized_end=416
-  _globals['_UPDATEINGESTIONSOURCEREQUEST']._serialized_start=419
-  _globals['_UPDATEINGESTIONSOURCEREQUEST']._serialized_end=638
-  _globals['_DELETEINGESTIONSOURCEREQUEST']._serialized_start=640
-  _globals['_DELETEINGESTIONSOURCEREQUEST']._serialized_end=688
-  _globals['_TRIGGERINITIALIMPORTREQUEST']._serialized_start=690
-  _globals['_TRIGGERINITIALIMPORTREQUEST']._serialized_end=737
-  _globals['_PAUSEINGESTIONSOURCEREQUEST']._serialized_start=739
-  _globals['_PAUSEINGESTIONSOURCEREQUEST']._serialized_end=786
-  _globals['_FORCESYNCREQUEST']._serialized_start=788
-  _globals['_FORCESYNCREQUEST']._serialized_end=824
-  _globals['_OPERATIONACCEPTEDRESPONSE']._serialized_start=826
-  _globals['_OPERATIONACCEPTEDRESPONSE']._serialized_end=907
-  _globals['_LISTSYNCSESSIONSREQUEST']._serialized_start=909
-  _globals['_LISTSYNCSESSIONSREQUEST']._serialized_end=1003
-  _globals['_LISTSYNCSESSIONSRESPONSE']._serialized_start=1005
-  _globals['_LISTSYNCSESSIONSRESPONSE']._serialized_end=1106
-  _globals['_LISTSYNCSESSIONMAILBOXESREQUEST']._serialized_start=1109
-  _globals['_LISTSYNCSESSIONMAILBOXESREQUEST']._serialized_end=1237
-  _globals['_LISTSYNCSESSIONMAILBOXESRESPONSE']._serialized_start=1239
-  _globals['_LISTSYNCSESSIONMAILBOXESRESPONSE']._serialized_end=1351
-  _globals['_INGESTIONSERVICE']._serialized_start=1354
-  _globals['_INGESTIONSERVICE']._serialized_end=2816
+  _globals['_CREATEINGESTIONSOURCEREQUEST']._serialized_start=240
+  _globals['_CREATEINGESTIONSOURCEREQUEST']._serialized_end=371
+  _globals['_LISTINGESTIONSOURCESREQUEST']._serialized_start=373
+  _globals['_LISTINGESTIONSOURCESREQUEST']._serialized_end=402
+  _globals['_GETINGESTIONSOURCEREQUEST']._serialized_start=404
+  _globals['_GETINGESTIONSOURCEREQUEST']._serialized_end=449
+  _globals['_UPDATEINGESTIONSOURCEREQUEST']._serialized_start=452
+  _globals['_UPDATEINGESTIONSOURCEREQUEST']._serialized_end=671
+  _globals['_DELETEINGESTIONSOURCEREQUEST']._serialized_start=673
+  _globals['_DELETEINGESTIONSOURCEREQUEST']._serialized_end=721
+  _globals['_TRIGGERINITIALIMPORTREQUEST']._serialized_start=723
+  _globals['_TRIGGERINITIALIMPORTREQUEST']._serialized_end=770
+  _globals['_PAUSEINGESTIONSOURCEREQUEST']._serialized_start=772
+  _globals['_PAUSEINGESTIONSOURCEREQUEST']._serialized_end=819
+  _globals['_FORCESYNCREQUEST']._serialized_start=821
+  _globals['_FORCESYNCREQUEST']._serialized_end=857
+  _globals['_OPERATIONACCEPTEDRESPONSE']._serialized_start=859
+  _globals['_OPERATIONACCEPTEDRESPONSE']._serialized_end=940
+  _globals['_LISTSYNCSESSIONSREQUEST']._serialized_start=942
+  _globals['_LISTSYNCSESSIONSREQUEST']._serialized_end=1036
+  _globals['_LISTSYNCSESSIONSRESPONSE']._serialized_start=1038
+  _globals['_LISTSYNCSESSIONSRESPONSE']._serialized_end=1139
+  _globals['_LISTSYNCSESSIONMAILBOXESREQUEST']._serialized_start=1142
+  _globals['_LISTSYNCSESSIONMAILBOXESREQUEST']._serialized_end=1270
+  _globals['_LISTSYNCSESSIONMAILBOXESRESPONSE']._serialized_start=1272
+  _globals['_LISTSYNCSESSIONMAILBOXESRESPONSE']._serialized_end=1384
+  _globals['_INGESTIONSERVICE']._serialized_start=1387
+  _globals['_INGESTIONSERVICE']._serialized_end=2894
 # @@protoc_insertion_point(module_scope)

@@ -26,13 +26,14 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#ingestion/v1/settings_service.proto\x12\x0cingestion.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\")\n\x0eSystemSettings\x12\x17\n\x0f\x65nable_deletion\x18\x01 \x01(\x08\"\x1a\n\x18GetSystemSettingsRequest\"U\n\x1bUpdateSystemSettingsRequest\x12\"\n\x0f\x65nable_deletion\x18\x01 \x01(\x08\x42\x04\xe2\x41\x01\x01H\x00\x88\x01\x01\x42\x12\n\x10_enable_deletion2\x8a\x02\n\x0fSettingsService\x12v\n\x11GetSystemSettings\x12&.ingestion.v1.GetSystemSettingsRequest\x1a\x1c.ingestion.v1.SystemSettings\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/settings/system\x12\x7f\n\x14UpdateSystemSettings\x12).ingestion.v1.UpdateSystemSettingsRequest\x1a\x1c.ingestion.v1.SystemSettings\"\x1e\x82\xd3\xe4\x93\x02\x18\x1a\x13/v1/settings/system:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#ingestion/v1/settings_service.proto\x12\x0cingestion.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\")\n\x0eSystemSettings\x12\x17\n\x0f\x65nable_deletion\x18\x01 \x01(\x08\"\x1a\n\x18GetSystemSettingsRequest\"U\n\x1bUpdateSystemSettingsRequest\x12\"\n\x0f\x65nable_deletion\x18\x01 \x01(\x08\x42\x04\xe2\x41\x01\x01H\x00\x88\x01\x01\x42\x12\n\x10_enable_deletion2\x8a\x02\n\x0fSettingsService\x12v\n\x11GetSystemSettings\x12&.ingestion.v1.GetSystemSettingsRequest\x1a\x1c.ingestion.v1.SystemSettings\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/settings/system\x12\x7f\n\x14UpdateSystemSettings\x12).ingestion.v1.UpdateSystemSettingsRequest\x1a\x1c.ingestion.v1.SystemSettings\"\x1e\x82\xd3\xe4\x93\x02\x18\x1a\x13/v1/settings/system:\x01*B\x9c\x01\n\x18\x63om.example.ingestion.v1B\x14SettingsServiceProtoP\x01Z:example.com/ingestion-grpc/gen/go/ingestion/v1;ingestionv1\xaa\x02\x0cIngestion.V1\xca\x02\x0cIngestion\\V1\xea\x02\rIngestion::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ingestion.v1.settings_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\030com.example.ingestion.v1B\024SettingsServiceProtoP\001Z:example.com/ingestion-grpc/gen/go/ingestion/v1;ingestionv1\252\002\014Ingestion.V1\312\002\014Ingestion\\V1\352\002\rIngestion::V1'
   _globals['_UPDATESYSTEMSETTINGSREQUEST'].fields_by_name['enable_deletion']._loaded_options = None
   _globals['_UPDATESYSTEMSETTINGSREQUEST'].fields_by_name['enable_deletion']._serialized_options = b'\342A\001\001'
   _globals['_SETTINGSSERVICE'].methods_by_name['GetSystemSettings']._loaded_options = None

@@ -25,21 +25,23 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
+from ingestion.v1 import rest_options_pb2 as ingestion_dot_v1_dot_rest__options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!ingestion/v1/upload_service.proto\x12\x0cingestion.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/httpbody.proto\"-\n\x12UploadFileResponse\x12\x17\n\tfile_path\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x32n\n\rUploadService\x12]\n\nUploadFile\x12\x14.google.api.HttpBody\x1a .ingestion.v1.UploadFileResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\"\n/v1/upload:\x01*(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!ingestion/v1/upload_service.proto\x12\x0cingestion.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/httpbody.proto\x1a\x1fingestion/v1/rest_options.proto\"-\n\x12UploadFileResponse\x12\x17\n\tfile_path\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x32}\n\rUploadService\x12l\n\nUploadFile\x12\x14.google.api.HttpBody\x1a .ingestion.v1.UploadFileResponse\"$\xe2\xf9\x18\x0b\x08\xc9\x01\x12\x06\x9d\x03\xad\x03\xfb\x03\x82\xd3\xe4\x93\x02\x0f\"\n/v1/upload:\x01*(\x01\x42\x9a\x01\n\x18\x63om.example.ingestion.v1B\x12UploadServiceProtoP\x01Z:example.com/ingestion-grpc/gen/go/ingestion/v1;ingestionv1\xaa\x02\x0cIngestion.V1\xca\x02\x0cIngestion\\V1\xea\x02\rIngestion::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ingestion.v1.upload_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\030com.example.ingestion.v1B\022UploadServiceProtoP\001Z:example.com/ingestion-grpc/gen/go/ingestion/v1;ingestionv1\252\002\014Ingestion.V1\312\002\014Ingestion\\V1\352\002\rIngestion::V1'
   _globals['_UPLOADFILERESPONSE'].fields_by_name['file_path']._loaded_options = None
   _globals['_UPLOADFILERESPONSE'].fields_by_name['file_path']._serialized_options = b'\342A\001\003'
   _globals['_UPLOADSERVICE'].methods_by_name['UploadFile']._loaded_options = None
-  _globals['_UPLOADSERVICE'].methods_by_name['UploadFile']._serialized_options = b'\202\323\344\223\002\017\"\n/v1/upload:\001*'
-  _globals['_UPLOADFILERESPONSE']._serialized_start=141
-  _globals['_UPLOADFILERESPONSE']._serialized_end=186
-  _globals['_UPLOADSERVICE']._serialized_start=188
-  _globals['_UPLOADSERVICE']._serialized_end=298
+  _globals['_UPLOADSERVICE'].methods_by_name['UploadFile']._serialized_options = b'\342\371\030\013\010\311\001\022\006\235\003\255\003\373\003\202\323\344\223\002\017\"\n/v1/upload:\001*'
+  _globals['_UPLOADFILERESPONSE']._serialized_start=174
+  _globals['_UPLOADFILERESPONSE']._serialized_end=219
+  _globals['_UPLOADSERVICE']._serialized_start=221
+  _globals['_UPLOADSERVICE']._serialized_end=346
 # @@protoc_insertion_point(module_scope)
