@@ -141,11 +141,17 @@ def test_worker_lines_name_the_source_run_and_mailbox(
     # few start and stop lines; everything the worker process logs is JSON.
     ours = [line for line in worker.log().splitlines() if line.startswith("{")]
     entries = parsed("\n".join(ours))
-    listed = [e for e in entries if "mailboxes listed" in e["message"]]
+    # The worker shares the run's queue with other tests' leftovers: pick this
+    # source's line by its text, then check the context it carries.
+    listed = [
+        e for e in entries if "mailboxes listed" in e["message"] and source["id"] in e["message"]
+    ]
     assert listed and listed[0]["source_id"] == source["id"]
     assert listed[0]["run_id"] == run["id"]
     # Logged by the provider in the engine's read-ahead thread: the context follows.
-    skipped = [e for e in entries if "skipped 'notes.txt'" in e["message"]]
+    skipped = [
+        e for e in entries if "skipped 'notes.txt'" in e["message"] and e.get("run_id") == run["id"]
+    ]
     assert skipped, entries
     assert skipped[0]["level"] == "WARNING"
     assert (skipped[0]["source_id"], skipped[0]["run_id"]) == (source["id"], run["id"])
