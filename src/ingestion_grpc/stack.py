@@ -315,7 +315,7 @@ def run_stack(environ: Mapping[str, str] = os.environ) -> int:
             python = sys.executable
             children = [
                 Child("gRPC server", [python, "-m", "ingestion_grpc.server"], env),
-                Child("worker", worker_command(threads=4), worker_environment(env)),
+                Child("worker", worker_command(threads=4), worker_environment(env, threads=4)),
                 Child("scheduler", [python, "-m", "ingestion_grpc.cli", "scheduler"], env),
                 Child("envoy", envoy_command(envoy_config), env),
             ]

@@ -22,7 +22,7 @@ class Worker:
 
     def __init__(self, environment: dict[str, str], log_path: Path, threads: int = 2) -> None:
         self._environment = worker_environment(
-            {**os.environ, **environment, "PYTHONUNBUFFERED": "1"}
+            {**os.environ, **environment, "PYTHONUNBUFFERED": "1"}, threads
         )
         self.log_path = log_path
         self.threads = threads
