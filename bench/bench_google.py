@@ -159,14 +159,24 @@ def _machine_ticks() -> tuple[int, int]:
 
 
 class MeteredWorker(Worker):
-    """bench_imap's worker, which also notes its processes' CPU time before it stops."""
+    """bench_imap's worker, which also notes the CPU time its processes spent from
+    the moment it was ready (its start-up, imports mostly, is not the import's)."""
 
     cpu_seconds = 0.0
+    _cpu_when_ready = 0.0
+
+    def start(self, timeout: float = 60.0) -> MeteredWorker:
+        super().start(timeout)
+        self._cpu_when_ready = self._children_cpu()
+        return self
 
     def stop(self) -> None:
         with contextlib.suppress(OSError):
-            self.cpu_seconds = sum(_cpu(child) for child in self.children())
+            self.cpu_seconds = self._children_cpu() - self._cpu_when_ready
         super().stop()
+
+    def _children_cpu(self) -> float:
+        return sum(_cpu(child) for child in self.children())
 
 
 class FakeProcess:
