@@ -16,9 +16,8 @@ What runs (all on this machine):
 - P Dramatiq worker processes (1, 2 and 4 by default), each `--threads T` (default 4,
   as `make run` starts its worker; 0: as many as it takes for every user to be read
   at once), all sharing the engine's rate limits in Redis, and one DATA_DIR per
-  round. Each takes at most T jobs at once (`dramatiq_queue_prefetch=T`; Dramatiq's
-  default, 2 T, let two of four processes hold every mailbox job while the other
-  two idled).
+  round. Each takes at most T jobs at once (the workers' `dramatiq_queue_prefetch`,
+  see `jobs/worker.py`).
 
 Timed: `POST /v1/ingestion-sources` (google_workspace, maxConcurrentMailboxes = U)
 until `GET` says `active`. The run fails unless the sync session says exactly U x M
@@ -267,10 +266,6 @@ def run_round(
         **stack.environment,
         # One blob store per round, shared by the round's workers: a fresh archive.
         "DATA_DIR": str(stack.workdir / f"data-{tag}"),
-        # Dramatiq lets a worker process take twice as many jobs as it has threads;
-        # a mailbox job runs for minutes, so the jobs beyond its threads would wait
-        # there while other processes idle (two of four processes did all the work).
-        "dramatiq_queue_prefetch": str(threads),
     }
     if user_rate is not None:
         # Our side's per-user rate, set apart from Google's (the fake's stays 250).
