@@ -3,6 +3,7 @@
 from tests.support.cloud import fake_google, fake_graph
 from tests.support.dovecot import dovecot
 from tests.support.envoy import envoy_factory
+from tests.support.s3 import s3, s3_archive
 from tests.support.services import (
     admin,
     database_url,
@@ -30,6 +31,8 @@ __all__ = [
     "make_client",
     "queue_namespace",
     "rest_url",
+    "s3",
+    "s3_archive",
     "settings",
     "start_worker",
 ]
