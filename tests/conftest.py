@@ -15,6 +15,7 @@ from tests.support.services import (
     rest_url,
     settings,
 )
+from tests.support.stacks import s3_deployment, stack
 from tests.support.workers import engine, start_worker
 
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
     "rest_url",
     "s3",
     "s3_archive",
+    "s3_deployment",
     "settings",
+    "stack",
     "start_worker",
 ]
