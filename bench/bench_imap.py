@@ -602,6 +602,13 @@ def print_import(result: ImportResult, archive: str = "local") -> None:
     )
 
 
+def print_moto_share(cpu_seconds: float, seconds: float) -> None:
+    print(
+        f"          moto_server (the S3 endpoint) used {cpu_seconds:.1f} CPU-s of the "
+        f"{seconds:.1f} s ({100 * cpu_seconds / seconds:.0f} % of one core)"
+    )
+
+
 def print_file_creation(folder: Path, files: int = 200) -> None:
     """How long creating an empty file takes in the workdir right now.
 
@@ -751,6 +758,7 @@ def main(argv: list[str] | None = None) -> int:
                     profile = args.py_spy if round_number == 0 else None
                     mirror = None
                     for archive in archives:
+                        moto_before = s3.cpu_seconds() if s3 is not None else 0.0
                         result = run_import(
                             stack,
                             dovecot,
@@ -761,6 +769,8 @@ def main(argv: list[str] | None = None) -> int:
                             s3=s3 if archive == "s3" else None,
                         )
                         print_import(result, archive)
+                        if s3 is not None and archive == "s3":
+                            print_moto_share(s3.cpu_seconds() - moto_before, result.seconds)
                         if profile and archive == archives[0]:
                             print(f"  profile of the worker: {profile}")
                         if mirror is None and not args.compare_rss and not args.no_mbsync:

@@ -88,6 +88,12 @@ class S3Server:
         with credentials_in_environment():
             return s3_client(self.endpoint_url)
 
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used so far (Linux), for benchmarks:
+        how much of an S3 import's time went to moto itself."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def new_archive(self, prefix: str = "archive") -> S3Archive:
         """A new, empty bucket of its own."""
         bucket = f"test-{uuid.uuid4().hex[:16]}"
