@@ -4,6 +4,7 @@ from datetime import timedelta
 
 import pytest
 
+from ingestion_grpc import bootstrap
 from ingestion_grpc.config import ClientSettings, Settings, decode_encryption_key, parse_duration
 from ingestion_grpc.errors import ConfigurationError
 
@@ -129,3 +130,14 @@ def test_bad_archive_urls_name_the_variable(bad: str) -> None:
 def test_a_bad_s3_endpoint_names_the_variable() -> None:
     with pytest.raises(ConfigurationError, match="S3_ENDPOINT_URL"):
         Settings.from_env({**REQUIRED, "S3_ENDPOINT_URL": "minio:9000"})
+
+
+def test_a_bad_archive_url_stops_the_start_with_one_line_and_status_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        bootstrap.settings_or_exit({**REQUIRED, "ARCHIVE_URL": "s3://"})
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert error.startswith("configuration error: ARCHIVE_URL must be")
