@@ -132,3 +132,23 @@ def test_blob_store_from_settings_chooses_s3(s3_archive: S3Archive) -> None:
     assert (store.bucket, store.prefix) == (s3_archive.bucket, "archive")
     digest = store.put(b"configured")
     assert s3_archive.store().read(digest) == b"configured"
+
+
+def test_a_body_that_does_not_match_its_stored_sha256_is_refused_on_read(
+    s3_archive: S3Archive, store: S3BlobStore
+) -> None:
+    """moto keeps whatever checksum a PUT claims (S3 would refuse the PUT): the
+    read notices, and fails like an outage rather than serving the wrong bytes."""
+    digest = sha256_hex(b"the real message")
+    s3_archive.client.put_object(
+        Bucket=s3_archive.bucket,
+        Key=store.key(digest),
+        Body=b"other bytes here",
+        ChecksumAlgorithm="SHA256",
+        ChecksumSHA256=base64.b64encode(bytes.fromhex(digest)).decode(),
+    )
+    with pytest.raises(BlobStoreUnavailable, match="checksum"):
+        store.read(digest)
+    with store.open(digest) as blob, pytest.raises(BlobStoreUnavailable, match="checksum"):
+        while blob.read(4):
+            pass
