@@ -39,6 +39,7 @@ from ingestion_grpc.api.interceptors import AuthInterceptor, ErrorInterceptor
 from ingestion_grpc.api.metrics import MetricsInterceptor
 from ingestion_grpc.api.settings import SettingsServicer
 from ingestion_grpc.api.upload import UploadServicer
+from ingestion_grpc.api.validation import ValidationInterceptor
 from ingestion_grpc.archive.blobstore import blob_store_from_settings
 from ingestion_grpc.auth.services import ensure_first_admin
 from ingestion_grpc.config import Settings
@@ -158,6 +159,7 @@ def start_server(
             MetricsInterceptor(),
             ErrorInterceptor(),
             AuthInterceptor(database, settings.jwt_secret),
+            ValidationInterceptor(),
         ],
         options=[
             ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
