@@ -49,6 +49,7 @@ STRUCT_TEXT = TextRule(65536, multiline=True)
 # values may be lists (2). (The protobuf decoder itself gives up a few dozen
 # levels down: `explain_undecodable` names that case too.)
 MAX_STRUCT_DEPTH = 4
+TOO_DEEP = f"must not nest objects and lists more than {MAX_STRUCT_DEPTH} levels deep"
 
 _STRUCT = "google.protobuf.Struct"
 
@@ -101,9 +102,7 @@ def _check_value(value: Any, path: str, depth: int) -> None:
 def _too_deep(path: str) -> InvalidArgument:
     # Named by its top-level field: the path to the bottom may be a long chain of keys.
     top = path.split(".", 1)[0].split("[", 1)[0]
-    return InvalidArgument(
-        top, f"must not nest objects and lists more than {MAX_STRUCT_DEPTH} levels deep"
-    )
+    return InvalidArgument(top, TOO_DEEP)
 
 
 @dataclass(frozen=True)
