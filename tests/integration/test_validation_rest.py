@@ -505,3 +505,40 @@ def test_an_array_for_a_single_value_in_an_update_names_the_field(
     response = admin.put(f"/v1/ingestion-sources/{source['id']}", json={"status": ["paused"]})
     assert_names(response, "status")
     assert admin.get(f"/v1/ingestion-sources/{source['id']}").json() == before
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/v1/api-keys", {"name": {"a": "b"}, "expiresInDays": 3}, "name"),
+        ("/v1/api-keys", {"name": "k", "expiresInDays": {}}, "expiresInDays"),
+        ("/v1/auth/login", {"email": "a@b.example", "password": {"p": 1}}, "password"),
+    ],
+)
+def test_an_object_for_a_string_or_number_is_400_naming_the_field(
+    admin: Rest, path: str, body: dict, field: str
+) -> None:
+    assert_names(admin.post(path, json=body), field)
+
+
+# --- Envoy's own errors never quote a long request back -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("POST", "/v1/api-keys", {"name": "k", "expiresInDays": "9" * 400_000}, 400),
+        ("GET", "/v1/ingestion-sources/x/sync-sessions?pageSize=" + "9" * 30_000, None, 400),
+        ("GET", "/v1/ingestion-sources?" + "x" * 30_000 + "=1", None, 400),
+        ("GET", "/v1/" + "x" * 30_000, None, 404),
+    ],
+    ids=["invalid int in the body", "invalid int in the query", "unknown parameter", "path"],
+)
+def test_an_error_about_a_long_value_does_not_quote_it(
+    admin: Rest, method: str, path: str, body: dict | None, status: int
+) -> None:
+    response = admin.request(method, path, json=body)
+    assert response.status_code == status
+    assert response.headers["content-type"].startswith("application/json")
+    assert len(response.content) < 1000
+    assert "left out" in response.json()["message"]

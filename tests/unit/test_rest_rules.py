@@ -18,7 +18,7 @@ def test_the_apis_bool_and_struct_fields_are_known_by_both_spellings() -> None:
     kinds = rest_field_kinds(DESCRIPTOR)
     assert kinds["enableDeletion"] == kinds["enable_deletion"] == FieldKind.BOOL
     assert kinds["providerConfig"] == kinds["provider_config"] == FieldKind.STRUCT
-    assert kinds["name"] == kinds["sessionId"] == FieldKind.SINGLE
+    assert kinds["name"] == kinds["sessionId"] == kinds["pageSize"] == FieldKind.SCALAR
     # Upload bodies are bytes: no JSON rules, and the Lua filter must not buffer them.
     assert "data" not in kinds
     assert '"^/v1/upload$"' in lua_rules(DESCRIPTOR)

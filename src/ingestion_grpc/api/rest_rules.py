@@ -10,7 +10,7 @@ without anyone listing it:
 
 * a bool field takes a JSON `true` or `false` only (in the query string, the
   words `true` or `false`);
-* a single-valued field takes no array;
+* a single-valued field takes no array, and a string or number field no object;
 * a google.protobuf.Struct (`providerConfig`) nests at most MAX_STRUCT_DEPTH
   levels: deeper JSON never reaches the decoder, whose own limit had no name.
 
@@ -41,7 +41,10 @@ _PATH_VARIABLE = re.compile(r"\{[^}]*\}")
 
 class FieldKind(StrEnum):
     BOOL = "bool"
-    SINGLE = "single"
+    # A string or a number: no object, no array.
+    SCALAR = "scalar"
+    # A message other than Struct: an object, no array.
+    MESSAGE = "message"
     STRUCT = "struct"
     # Repeated, a map, or free JSON: not checked.
     ANY = "any"
@@ -54,7 +57,9 @@ def _kind(field: descriptor_pb2.FieldDescriptorProto) -> FieldKind:
         return FieldKind.BOOL
     if field.type_name == _STRUCT:
         return FieldKind.STRUCT
-    return FieldKind.SINGLE
+    if field.type == field.TYPE_MESSAGE:
+        return FieldKind.MESSAGE
+    return FieldKind.SCALAR
 
 
 def _descriptor_set(path: Path) -> descriptor_pb2.FileDescriptorSet:
