@@ -542,3 +542,14 @@ def test_an_error_about_a_long_value_does_not_quote_it(
     assert response.headers["content-type"].startswith("application/json")
     assert len(response.content) < 1000
     assert "left out" in response.json()["message"]
+
+
+@pytest.mark.parametrize(
+    "header",
+    [{"X-Trace-Bin": "!!!"}, {"Grpc-Timeout": "soon"}, {"grpc-encoding": "rot13"}],
+    ids=["binary header, not base64", "grpc-timeout", "grpc-encoding"],
+)
+def test_grpc_protocol_headers_from_a_rest_client_are_dropped(admin: Rest, header: dict) -> None:
+    # The gRPC server refused such a request with INTERNAL (500).
+    response = admin.get("/v1/ingestion-sources", headers=header)
+    assert response.status_code == 200, response.text
