@@ -115,7 +115,8 @@ class Undecodable:
 def explain_undecodable(descriptor: Descriptor, data: bytes) -> InvalidArgument:
     """Why the decoder refused `data`: invalid UTF-8 in a string, or nesting past
     the decoder's depth limit (a deep `providerConfig`). Named by top-level field."""
-    for field, payload in _length_delimited(descriptor, data):
+    # Slices of a memoryview: walking nested bytes copies nothing.
+    for field, payload in _length_delimited(descriptor, memoryview(data)):
         if field.type == FieldDescriptor.TYPE_STRING and not _is_utf8(payload):
             return InvalidArgument(field.json_name, "must be valid UTF-8 text")
         if field.message_type is not None:
@@ -128,15 +129,15 @@ def explain_undecodable(descriptor: Descriptor, data: bytes) -> InvalidArgument:
     return InvalidArgument("body", "is not a valid request")
 
 
-def _is_utf8(data: bytes) -> bool:
+def _is_utf8(data: memoryview) -> bool:
     try:
-        data.decode("utf-8")
+        str(data, "utf-8")
     except UnicodeDecodeError:
         return False
     return True
 
 
-def _scan(descriptor: Descriptor, data: bytes) -> tuple[bool, int]:
+def _scan(descriptor: Descriptor, data: memoryview) -> tuple[bool, int]:
     """(every string is UTF-8, how many message levels deep it goes)."""
     # An explicit stack: the bytes may nest deeper than Python's recursion limit.
     stack = [(descriptor, data, 1)]
@@ -153,8 +154,8 @@ def _scan(descriptor: Descriptor, data: bytes) -> tuple[bool, int]:
 
 
 def _length_delimited(
-    descriptor: Descriptor, data: bytes
-) -> Iterator[tuple[FieldDescriptor, bytes]]:
+    descriptor: Descriptor, data: memoryview
+) -> Iterator[tuple[FieldDescriptor, memoryview]]:
     """The known length-delimited fields of one message's wire bytes (a lenient
     walk: it stops at the first malformed tag instead of raising)."""
     position = 0
@@ -183,7 +184,7 @@ def _length_delimited(
             return
 
 
-def _varint(data: bytes, position: int) -> tuple[int, int]:
+def _varint(data: memoryview, position: int) -> tuple[int, int]:
     """(value, next position); position -1 when the bytes end mid-varint."""
     result = shift = 0
     while position < len(data):
