@@ -408,9 +408,11 @@ def test_a_deeply_nested_provider_config_is_400(admin: Rest, source: dict, level
 
 @pytest.fixture
 def deletion_off(admin: Rest) -> Iterator[None]:
+    """Deletion switched off for the test, and back as it was after."""
+    was = admin.get("/v1/settings/system").json()["enableDeletion"]
     assert admin.put("/v1/settings/system", json={"enableDeletion": False}).status_code == 200
     yield
-    admin.put("/v1/settings/system", json={"enableDeletion": False})
+    admin.put("/v1/settings/system", json={"enableDeletion": was})
 
 
 def deletion_enabled(admin: Rest) -> bool:
