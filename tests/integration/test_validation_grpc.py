@@ -10,37 +10,15 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from tests.support.services import ADMIN_EMAIL, ADMIN_PASSWORD
+from tests.support.wire import field, nested_struct
 
 GET_SOURCE = "/ingestion.v1.IngestionService/GetIngestionSource"
 CREATE_SOURCE = "/ingestion.v1.IngestionService/CreateIngestionSource"
 LOGIN = "/ingestion.v1.AuthService/Login"
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited field (a string, bytes or a message)."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _nested_struct(levels: int) -> bytes:
-    """A google.protobuf.Struct {"a": {"a": ... "leaf"}} of `levels` objects."""
-    value = _field(3, b"leaf")  # Value.string_value
-    for _ in range(levels):
-        struct = _field(1, _field(1, b"a") + _field(2, value))  # Struct.fields entry
-        value = _field(5, struct)  # Value.struct_value
-    return struct
-
-
 def _call(channel: grpc.Channel, method: str, request: bytes) -> grpc.RpcError:
-    login = _field(1, ADMIN_EMAIL.encode()) + _field(2, ADMIN_PASSWORD.encode())
+    login = field(1, ADMIN_EMAIL.encode()) + field(2, ADMIN_PASSWORD.encode())
     # No serializers: the requests and responses are raw bytes.
     token_response = channel.unary_unary(LOGIN, None, None)(login)
     token = _first_string(token_response)
@@ -75,17 +53,17 @@ def _violation(error: grpc.RpcError) -> error_details_pb2.BadRequest.FieldViolat
 @pytest.mark.parametrize(
     ("method", "request_bytes", "field"),
     [
-        (GET_SOURCE, _field(1, b"\xff\xfe"), "id"),
-        (GET_SOURCE, _field(1, b"a\x00b"), "id"),
-        (GET_SOURCE, _field(1, b"x" * 300), "id"),
-        (CREATE_SOURCE, _field(1, b"n\xc3") + _field(2, b"fake_tenant"), "name"),
-        (CREATE_SOURCE, _field(1, b"n") + _field(3, _nested_struct(5)), "providerConfig"),
-        (CREATE_SOURCE, _field(1, b"n") + _field(3, _nested_struct(60)), "providerConfig"),
-        (CREATE_SOURCE, _field(1, b"n") + _field(3, _nested_struct(200)), "providerConfig"),
+        (GET_SOURCE, field(1, b"\xff\xfe"), "id"),
+        (GET_SOURCE, field(1, b"a\x00b"), "id"),
+        (GET_SOURCE, field(1, b"x" * 300), "id"),
+        (CREATE_SOURCE, field(1, b"n\xc3") + field(2, b"fake_tenant"), "name"),
+        (CREATE_SOURCE, field(1, b"n") + field(3, nested_struct(5)), "providerConfig"),
+        (CREATE_SOURCE, field(1, b"n") + field(3, nested_struct(60)), "providerConfig"),
+        (CREATE_SOURCE, field(1, b"n") + field(3, nested_struct(200)), "providerConfig"),
     ],
     ids=["invalid utf-8", "nul", "too long", "cut utf-8", "deep", "deeper", "past the decoder"],
 )
-def test_bad_text_over_grpc_is_invalid_argument_naming_the_field(
+def test_bad_text_over_grpc_is_invalid_argument_naming_thefield(
     grpc_channel: grpc.Channel, method: str, request_bytes: bytes, field: str
 ) -> None:
     violation = _violation(_call(grpc_channel, method, request_bytes))
