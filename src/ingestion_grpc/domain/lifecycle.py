@@ -29,7 +29,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from functools import partial
 
-from sqlalchemy import Update, and_, exists, false, func, select, update
+from sqlalchemy import ColumnElement, Update, and_, exists, false, func, select, true, update
 from sqlalchemy.dialects.postgresql import insert
 
 from ingestion_grpc.db.models import IngestionSource, RunMailbox, SyncSession, new_id
@@ -102,6 +102,14 @@ class JobQueue:
     def ping(self) -> None:
         """Raise Unavailable if the queue cannot take jobs now."""
         raise NotImplementedError
+
+    def was_emptied(self) -> bool:
+        """Whether the queue lost everything it held since `mark_intact` (a broker
+        restarted without persistence, or flushed). A queue that cannot tell says no."""
+        return False
+
+    def mark_intact(self) -> None:
+        """Remember that the queue holds what was sent, for `was_emptied`."""
 
 
 def now() -> datetime:
@@ -503,12 +511,18 @@ def held(claim: MailboxClaim) -> Update:
 
 
 def release_mailbox(
-    uow: UnitOfWork, claim: MailboxClaim, *, pause_run: bool, requeue: JobQueue | None = None
+    uow: UnitOfWork,
+    claim: MailboxClaim,
+    *,
+    pause_run: bool,
+    requeue: JobQueue | None = None,
+    reason: str | None = None,
 ) -> None:
     """Hand the mailbox back (pending) if this worker still holds it.
 
     `pause_run` when its source was paused; `requeue` to send it again at once
-    (its time slice is used up, not its work).
+    (its time slice is used up, or its database went away, not its work);
+    `reason`, why it waits (shown with the run's mailboxes until it ends).
     """
     uow.session.execute(
         held(claim).values(
@@ -516,6 +530,7 @@ def release_mailbox(
             lease=None,
             enqueued_at=now() if requeue else None,
             updated_at=now(),
+            **({} if reason is None else {"error_message": reason}),
         )
     )
     if pause_run:
@@ -668,26 +683,32 @@ def _summary(run: SyncSession, failed: bool) -> str:
 # --- stale-run recovery ----------------------------------------------------------------
 
 
-def revive_lost_runs(uow: UnitOfWork, jobs: JobQueue, stale_after: timedelta) -> list[str]:
+def revive_lost_runs(
+    uow: UnitOfWork, jobs: JobQueue, stale_after: timedelta, *, queue_emptied: bool = False
+) -> list[str]:
     """Re-send claimed runs whose start never reached a worker; their source ids.
 
     A claimed run normally waits in the queue; only once the queue is empty can
     it be known lost (its worker died before listing mailboxes, or Redis lost it).
+    `queue_emptied`: the queue lost everything (`JobQueue.was_emptied`), so every
+    claimed run not yet listed is sent again at once; one a worker is listing
+    right now is listed twice, which changes nothing.
     """
-    if jobs.backlog() != 0:
+    if jobs.backlog() != 0 and not queue_emptied:
         return []
     stale_before = now() - stale_after
+    started = SyncSession.listed_at.is_not(None)
     live_run = exists().where(
         SyncSession.source_id == IngestionSource.id,
         SyncSession.status == RunState.RUNNING,
-        (SyncSession.listed_at.is_not(None)) | (SyncSession.heartbeat_at >= stale_before),
+        started if queue_emptied else started | (SyncSession.heartbeat_at >= stale_before),
     )
     lost = list(
         uow.session.execute(
             update(IngestionSource)
             .where(
                 IngestionSource.status.in_(RUNNING),
-                IngestionSource.run_requested_at < stale_before,
+                true() if queue_emptied else IngestionSource.run_requested_at < stale_before,
                 ~live_run,
                 # A paused run is resumed by the user, not by the watchdog.
                 ~exists().where(
@@ -721,22 +742,29 @@ def complete_runs(uow: UnitOfWork) -> list[str]:
     )
 
 
-def revive_lost_mailboxes(uow: UnitOfWork, jobs: JobQueue, stale_after: timedelta) -> int:
+def revive_lost_mailboxes(
+    uow: UnitOfWork, jobs: JobQueue, stale_after: timedelta, *, queue_emptied: bool = False
+) -> int:
     """Re-send mailboxes whose worker died, or whose job the queue lost, and fill
-    places a dead worker left under a run's cap. How many were sent."""
+    places a dead worker left under a run's cap. How many were sent.
+
+    `queue_emptied`: the queue lost everything, so every sent mailbox is sent
+    again at once (a worker that had already taken one refuses the copy)."""
     stale_before = now() - stale_after
-    queue_is_empty = jobs.backlog() == 0
     in_running_run = exists().where(
         and_(SyncSession.id == RunMailbox.run_id, SyncSession.status == RunState.RUNNING)
     )
     dead = (RunMailbox.state == MailboxState.RUNNING) & (RunMailbox.heartbeat_at < stale_before)
+    in_queue = (RunMailbox.state == MailboxState.PENDING) & RunMailbox.enqueued_at.is_not(None)
     # A sent mailbox normally waits in the queue; only once the queue is empty
-    # can it be known lost (a Redis restart, say).
-    lost = (
-        (RunMailbox.state == MailboxState.PENDING) & (RunMailbox.enqueued_at < stale_before)
-        if queue_is_empty
-        else false()
-    )
+    # can it be known lost (its job dropped, say).
+    lost: ColumnElement[bool]
+    if queue_emptied:
+        lost = in_queue
+    elif jobs.backlog() == 0:
+        lost = in_queue & (RunMailbox.enqueued_at < stale_before)
+    else:
+        lost = false()
     revived = list(
         uow.session.execute(
             update(RunMailbox)

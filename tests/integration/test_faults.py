@@ -1,0 +1,303 @@
+"""Faults during a large import, each on servers this module starts and stops itself.
+
+PostgreSQL, Redis and Dovecot are this module's own (never the machine's), and so
+are the gRPC server, Envoy, the scheduler and the workers: every part can be
+stopped, killed or restarted. The IMAP traffic goes through a proxy that slows it
+down, so that an import of 2,500 real messages lasts long enough for a fault to
+hit it, and that can reset every connection.
+
+Each fault test ends the same way: the source `active`, the run completed with
+exactly as many messages archived as the source holds, none twice, every archived
+file byte for byte the source's, and all of it without help within a minute of
+the fault ending.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.support.corpora import HAM, mbox_messages
+from tests.support.dovecot import Dovecot
+from tests.support.envoy import EnvoyProxy, free_port, start_envoy, wait_healthy
+from tests.support.polling import wait_for
+from tests.support.rest import Rest
+from tests.support.servers import FlakyProxy, Postgres, RedisServer, ServiceProcess
+from tests.support.sources import archived, create_source, latest_run, mid_run, runs
+from tests.support.workers import Worker
+
+ADMIN_EMAIL = "admin@example.com"
+ADMIN_PASSWORD = "fault-tests-admin-password"
+# What "recovering by itself within a minute" allows once the fault has ended.
+RECOVERY_SECONDS = 60.0
+# The proxy's pace: 2,500 messages (8.5 MB) take about 6 s to come through.
+IMAP_BYTES_PER_SECOND = 1_500_000
+# Long enough that the watchdog's stale-run timeout cannot be what recovers a
+# test that sets it (only the SIGKILL test relies on it, with a short one).
+NEVER_STALE = "10m"
+BLOBS_TMPFS = "160m"
+
+
+@dataclass
+class FaultStack:
+    workdir: Path
+    postgres: Postgres
+    redis: RedisServer
+    dovecot: Dovecot
+    imap: FlakyProxy
+    server: ServiceProcess
+    envoy: EnvoyProxy
+    admin: Rest
+    environment: dict[str, str]
+    blobs: Path
+    processes: list[Worker | ServiceProcess] = field(default_factory=list)
+
+    def start_engine(self, stale_run_after: str = NEVER_STALE, threads: int = 2) -> Worker:
+        """A scheduler ticking every second and one worker, stopped after the test."""
+        overrides = {**self.environment, "STALE_RUN_AFTER": stale_run_after}
+        scheduler = ServiceProcess(
+            ["scheduler"], overrides, self.workdir / f"scheduler-{len(self.processes)}.log"
+        ).start()
+        self.processes.append(scheduler)
+        return self.start_worker(stale_run_after, threads)
+
+    def start_worker(self, stale_run_after: str = NEVER_STALE, threads: int = 2) -> Worker:
+        overrides = {**self.environment, "STALE_RUN_AFTER": stale_run_after}
+        worker = Worker(overrides, self.workdir / f"worker-{len(self.processes)}.log", threads)
+        self.processes.append(worker.start())
+        return worker
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.log_path.name}\n{p.log()[-4000:]}" for p in self.processes)
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
+    return mounted.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack]:
+    workdir = tmp_path_factory.mktemp("faults")
+    data_dir = workdir / "data"
+    blobs = data_dir / "blobs"
+    with contextlib.ExitStack() as cleanup:
+        blobs_mounted = _mount_tmpfs(blobs, BLOBS_TMPFS)
+        if blobs_mounted:
+            cleanup.callback(subprocess.run, ["umount", "-l", str(blobs)], check=False)
+        postgres = Postgres()
+        cleanup.callback(postgres.remove)
+        postgres.start()
+        redis = RedisServer(workdir / "redis")
+        cleanup.callback(redis.stop)
+        redis.start()
+        dovecot = Dovecot(tls=False)
+        cleanup.callback(dovecot.stop)
+        dovecot.start()
+        imap = FlakyProxy(dovecot.port, IMAP_BYTES_PER_SECOND)
+        cleanup.callback(imap.close)
+        (workdir / "metrics").mkdir()
+        environment = {
+            "DATA_DIR": str(data_dir),
+            "DATABASE_URL": postgres.url,
+            "REDIS_URL": redis.url,
+            "QUEUE_NAMESPACE": "faults",
+            "JWT_SECRET": secrets.token_urlsafe(32),
+            "ENCRYPTION_KEY": secrets.token_hex(32),
+            "GRPC_PORT": str(free_port()),
+            "METRICS_PORT": "0",
+            "PROMETHEUS_MULTIPROC_DIR": str(workdir / "metrics"),
+            "SCHEDULER_TICK": "1s",
+            "ADMIN_EMAIL": ADMIN_EMAIL,
+            "ADMIN_PASSWORD": ADMIN_PASSWORD,
+        }
+        server = ServiceProcess(["server"], environment, workdir / "server.log")
+        cleanup.callback(server.stop)
+        server.start()
+        envoy = start_envoy(int(environment["GRPC_PORT"]), workdir / "envoy")
+        cleanup.callback(envoy.stop)
+        wait_healthy(envoy.base_url, timeout=60)
+        yield FaultStack(
+            workdir, postgres, redis, dovecot, imap, server, envoy,
+            Rest(envoy.base_url).login(ADMIN_EMAIL, ADMIN_PASSWORD), environment,
+            blobs if blobs_mounted else Path(),
+        )  # fmt: skip
+
+
+@pytest.fixture
+def faults(stack: FaultStack) -> Iterator[FaultStack]:
+    """The stack, with this test's scheduler and workers stopped after it (and
+    their logs in the failure's report)."""
+    stack.processes = []
+    yield stack
+    for process in stack.processes:
+        process.stop()
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    email: str
+    source_id: str
+    messages: dict[str, bytes]  # sha256 -> raw, as the IMAP server serves it
+
+
+def large_mailbox(faults: FaultStack, tag: str, count: int = 2500) -> tuple[str, dict[str, bytes]]:
+    """A Dovecot user with `count` real messages in two folders, unique to this test."""
+    email = faults.dovecot.new_user(tag)
+    messages = [b"X-Fault-Test: %s %d\r\n" % (tag.encode(), i) + raw
+                for i, raw in enumerate(mbox_messages(HAM)[:count])]  # fmt: skip
+    half = len(messages) // 2
+    faults.dovecot.append(email, "INBOX", messages[:half])
+    faults.dovecot.append(email, "Archive/2002", messages[half:])
+    return email, served(faults.dovecot, email)
+
+
+def served(dovecot: Dovecot, email: str) -> dict[str, bytes]:
+    """{sha256: raw} of everything the IMAP server serves for the user."""
+    result: dict[str, bytes] = {}
+    with dovecot.client(email) as imap:
+        for flags, _delimiter, name in imap.list_folders():
+            if b"\\Noselect" in flags:
+                continue
+            imap.select_folder(name, readonly=True)
+            uids = imap.search("ALL")
+            for data in (imap.fetch(uids, ["BODY.PEEK[]"]) if uids else {}).values():
+                result[hashlib.sha256(data[b"BODY[]"]).hexdigest()] = data[b"BODY[]"]
+    return result
+
+
+def import_through_proxy(faults: FaultStack, email: str) -> str:
+    """Create the IMAP source, reached through the flaky proxy; its id."""
+    config = faults.dovecot.provider_config(email) | {"port": faults.imap.port}
+    return str(create_source(faults.admin, email, "generic_imap", config)["id"])
+
+
+def assert_imported_exactly(
+    faults: FaultStack, source_id: str, messages: dict[str, bytes], timeout: float
+) -> None:
+    """Within `timeout`: the source active, its run complete, every message once,
+    each archived file byte for byte the source's."""
+    client = faults.admin
+    try:
+        source = wait_for(
+            lambda: client.get(f"/v1/ingestion-sources/{source_id}").json(),
+            lambda s: s.get("status") not in ("importing", "syncing"),
+            timeout=timeout,
+            what="the import to end",
+        )
+    except AssertionError as timed_out:
+        raise AssertionError(f"{timed_out}\n{faults.logs()}") from None
+    assert source["status"] == "active", (source, faults.logs())
+    run = latest_run(client, source_id)
+    assert run["status"] == "completed", run
+    assert run["messagesArchived"] == len(messages), run
+    rows = archived(client, source_id)
+    assert len(rows) == len(messages)
+    assert sorted(r["sha256"] for r in rows) == sorted(messages)
+    for sha256 in messages:
+        stored = (faults.blobs / sha256[:2] / sha256).read_bytes()
+        assert hashlib.sha256(stored).digest() == hashlib.sha256(messages[sha256]).digest()
+    leftovers = [p.name for p in faults.blobs.rglob(".*.tmp")]
+    assert leftovers == [], "a half-written blob was left behind"
+
+
+def mid_import(faults: FaultStack, source_id: str, total: int) -> int:
+    """Once the import has archived its first batch (and not everything): how many."""
+    run = mid_run(faults.admin, source_id, timeout=60)
+    assert 0 < run["messagesArchived"] < total, run
+    return int(run["messagesArchived"])
+
+
+# --- the database down: 503 for every method ---------------------------------------
+
+UNAVAILABLE = {
+    "code": 14,
+    "message": "The database cannot be reached; try again shortly.",
+    "details": [],
+}
+
+
+def test_every_method_answers_503_while_the_database_is_down(faults: FaultStack) -> None:
+    client = faults.admin
+    email, _ = large_mailbox(faults, "down", count=5)
+    faults.start_engine()
+    source_id = import_through_proxy(faults, email)
+    wait_for(
+        lambda: client.get(f"/v1/ingestion-sources/{source_id}").json()["status"],
+        lambda status: status == "active",
+        timeout=30,
+        what="the small import",
+    )
+    run_id = latest_run(client, source_id)["id"]
+    email_id = archived(client, source_id)[0]["id"]
+    new_source = {"name": "x", "provider": "generic_imap",
+                  "providerConfig": faults.dovecot.provider_config(email)}  # fmt: skip
+    calls: list[tuple[str, str, dict | None]] = [
+        ("POST", "/v1/ingestion-sources", new_source),
+        ("GET", "/v1/ingestion-sources", None),
+        ("GET", f"/v1/ingestion-sources/{source_id}", None),
+        ("PUT", f"/v1/ingestion-sources/{source_id}", {"name": "renamed"}),
+        ("DELETE", f"/v1/ingestion-sources/{source_id}", None),
+        ("POST", f"/v1/ingestion-sources/{source_id}/import", None),
+        ("POST", f"/v1/ingestion-sources/{source_id}/pause", None),
+        ("POST", f"/v1/ingestion-sources/{source_id}/sync", None),
+        ("GET", f"/v1/ingestion-sources/{source_id}/sync-sessions", None),
+        ("GET", f"/v1/ingestion-sources/{source_id}/sync-sessions/{run_id}/mailboxes", None),
+        ("GET", f"/v1/ingestion-sources/{source_id}/archived-emails", None),
+        ("GET", f"/v1/archived-emails/{email_id}", None),
+        ("GET", f"/v1/archived-emails/{email_id}/raw", None),
+        ("GET", "/v1/settings/system", None),
+        ("PUT", "/v1/settings/system", {"enableDeletion": True}),
+        ("GET", "/v1/api-keys", None),
+        ("POST", "/v1/api-keys", {"name": "k", "expiresInDays": 1}),
+        ("POST", "/v1/auth/login", {"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD}),
+    ]
+    faults.postgres.stop()
+    try:
+        answers = {
+            f"{method} {path}": (response.status_code, response.json())
+            for method, path, body in calls
+            for response in [client.request(method, path, json=body)]
+        }
+    finally:
+        faults.postgres.start()
+    assert answers == {call: (503, UNAVAILABLE) for call in answers}
+    # Back at once: the next request gets a new connection.
+    wait_for(
+        lambda: client.get(f"/v1/ingestion-sources/{source_id}").status_code,
+        lambda status: status == 200,
+        timeout=RECOVERY_SECONDS,
+        what="the API to answer again",
+    )
+    assert client.get(f"/v1/ingestion-sources/{source_id}").json()["name"] == email
+
+
+# --- PostgreSQL restarted mid-transaction -------------------------------------------
+
+
+def test_postgres_restart_mid_import_hands_the_mailbox_back_at_once(faults: FaultStack) -> None:
+    email, messages = large_mailbox(faults, "pg")
+    faults.start_engine(stale_run_after=NEVER_STALE)
+    source_id = import_through_proxy(faults, email)
+    mid_import(faults, source_id, len(messages))
+    # Down for a few seconds: the worker's open transaction is cut, and its
+    # first tries to hand the mailbox back fail too.
+    faults.postgres.stop("fast")
+    time.sleep(3)
+    faults.postgres.start()
+    # STALE_RUN_AFTER is 10 minutes: only the worker itself can have handed it back.
+    assert_imported_exactly(faults, source_id, messages, RECOVERY_SECONDS)
