@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
+import itertools
 import secrets
-import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import requests
 
 from tests.support.corpora import HAM, mbox_messages
 from tests.support.dovecot import Dovecot
@@ -34,7 +32,7 @@ from tests.support.envoy import EnvoyProxy, free_port, start_envoy, wait_healthy
 from tests.support.polling import wait_for
 from tests.support.rest import Rest
 from tests.support.servers import FlakyProxy, Postgres, RedisServer, ServiceProcess
-from tests.support.sources import archived, create_source, latest_run, mid_run, runs
+from tests.support.sources import archived, create_source, latest_run, mid_run
 from tests.support.workers import Worker
 
 ADMIN_EMAIL = "admin@example.com"
@@ -47,6 +45,7 @@ IMAP_BYTES_PER_SECOND = 1_500_000
 # test that sets it (only the SIGKILL test relies on it, with a short one).
 NEVER_STALE = "10m"
 BLOBS_TMPFS = "160m"
+_numbers = itertools.count()
 
 
 @dataclass
@@ -67,14 +66,14 @@ class FaultStack:
         """A scheduler ticking every second and one worker, stopped after the test."""
         overrides = {**self.environment, "STALE_RUN_AFTER": stale_run_after}
         scheduler = ServiceProcess(
-            ["scheduler"], overrides, self.workdir / f"scheduler-{len(self.processes)}.log"
+            ["scheduler"], overrides, self.workdir / f"scheduler-{next(_numbers)}.log"
         ).start()
         self.processes.append(scheduler)
         return self.start_worker(stale_run_after, threads)
 
     def start_worker(self, stale_run_after: str = NEVER_STALE, threads: int = 2) -> Worker:
         overrides = {**self.environment, "STALE_RUN_AFTER": stale_run_after}
-        worker = Worker(overrides, self.workdir / f"worker-{len(self.processes)}.log", threads)
+        worker = Worker(overrides, self.workdir / f"worker-{next(_numbers)}.log", threads)
         self.processes.append(worker.start())
         return worker
 
@@ -300,4 +299,100 @@ def test_postgres_restart_mid_import_hands_the_mailbox_back_at_once(faults: Faul
     time.sleep(3)
     faults.postgres.start()
     # STALE_RUN_AFTER is 10 minutes: only the worker itself can have handed it back.
+    assert_imported_exactly(faults, source_id, messages, RECOVERY_SECONDS)
+
+
+# --- Redis restarted, its data lost -------------------------------------------------
+
+
+def test_redis_restart_mid_import_loses_no_work(faults: FaultStack) -> None:
+    email, messages = large_mailbox(faults, "redis")
+    queued_email, queued_messages = large_mailbox(faults, "redis-queued", count=50)
+    # One thread (and a prefetch of one): while the import runs, the next job
+    # can only wait in Redis.
+    faults.start_engine(stale_run_after=NEVER_STALE, threads=1)
+    source_id = import_through_proxy(faults, email)
+    mid_import(faults, source_id, len(messages))
+    queued_id = import_through_proxy(faults, queued_email)
+    faults.redis.kill()
+    time.sleep(1)
+    faults.redis.start()  # empty: the queued import's job is gone
+    assert_imported_exactly(faults, source_id, messages, RECOVERY_SECONDS)
+    # Not after STALE_RUN_AFTER (10 minutes): the scheduler saw that Redis lost
+    # everything and sent the claimed run again.
+    assert_imported_exactly(faults, queued_id, queued_messages, RECOVERY_SECONDS)
+
+
+# --- the IMAP server dropping every connection ---------------------------------------
+
+
+def test_imap_server_dropping_every_connection_mid_import(faults: FaultStack) -> None:
+    email, messages = large_mailbox(faults, "imap")
+    faults.start_engine()
+    source_id = import_through_proxy(faults, email)
+    mid_import(faults, source_id, len(messages))
+    faults.imap.drop()
+    try:
+        # Every reconnection is reset too, until the provider's own retries are
+        # used up and the engine's begin.
+        wait_for(lambda: faults.imap.resets, lambda resets: resets >= 3, timeout=30,
+                 what="the worker to reconnect into the outage")  # fmt: skip
+        time.sleep(3)
+    finally:
+        faults.imap.restore()
+    assert_imported_exactly(faults, source_id, messages, RECOVERY_SECONDS)
+
+
+# --- a worker SIGKILLed ----------------------------------------------------------------
+
+
+def test_worker_sigkilled_mid_import(faults: FaultStack) -> None:
+    email, messages = large_mailbox(faults, "sigkill")
+    # For a worker that died, going quiet is the only sign: the watchdog takes
+    # its mailbox over once STALE_RUN_AFTER has passed.
+    worker = faults.start_engine(stale_run_after="5s")
+    source_id = import_through_proxy(faults, email)
+    mid_import(faults, source_id, len(messages))
+    worker.kill()
+    faults.start_worker(stale_run_after="5s")
+    assert_imported_exactly(faults, source_id, messages, RECOVERY_SECONDS)
+
+
+# --- the archive's disk full -----------------------------------------------------------
+
+
+def _fill(directory: Path) -> Path:
+    """Write a file into `directory` until its file system has no space left."""
+    ballast = directory / "ballast"
+    chunk = b"\0" * (1 << 20)
+    with contextlib.suppress(OSError), ballast.open("wb") as out:
+        while True:
+            out.write(chunk)
+            out.flush()
+    return ballast
+
+
+def test_archive_disk_full_mid_import_waits_then_completes(faults: FaultStack) -> None:
+    if faults.blobs == Path():
+        pytest.skip("no tmpfs could be mounted for the archive (mount needs root)")
+    email, messages = large_mailbox(faults, "disk")
+    faults.start_engine()
+    source_id = import_through_proxy(faults, email)
+    mid_import(faults, source_id, len(messages))
+    ballast = _fill(faults.blobs)
+    try:
+        run_id = latest_run(faults.admin, source_id)["id"]
+        mailboxes = f"/v1/ingestion-sources/{source_id}/sync-sessions/{run_id}/mailboxes"
+        waiting = wait_for(
+            lambda: faults.admin.get(mailboxes).json()["mailboxes"][0],
+            lambda mailbox: mailbox["errorMessage"] != "",
+            timeout=30,
+            what="the mailbox to say why it waits",
+        )
+        assert waiting["state"] == "pending"
+        assert waiting["errorMessage"] == "the archive's storage is full; will retry"
+        source = faults.admin.get(f"/v1/ingestion-sources/{source_id}").json()
+        assert source["status"] == "importing"
+    finally:
+        ballast.unlink()
     assert_imported_exactly(faults, source_id, messages, RECOVERY_SECONDS)

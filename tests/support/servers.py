@@ -109,6 +109,10 @@ class Postgres:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+# A restart starts empty, as a Redis without persistence does.
+NO_PERSISTENCE = ("--save", "", "--appendonly", "no")
+
+
 class RedisServer:
     """`redis-server` without persistence on a port of its own."""
 
@@ -129,8 +133,8 @@ class RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [redis, "--port", str(self.port), "--bind", HOST, "--save", "",
-                 "--appendonly", "no", "--dir", str(self.directory)],  # fmt: skip
+                [redis, "--port", str(self.port), "--bind", HOST, "--dir", str(self.directory),
+                 *NO_PERSISTENCE],  # fmt: skip
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -173,7 +177,12 @@ class FlakyProxy:
             self._dropping = True
             doomed, self._sockets = self._sockets, set()
         for sock in doomed:
-            self._reset(sock)
+            # SO_LINGER 0 makes the close an RST, as from a peer that died; the
+            # shutdown wakes the thread reading it, which then closes it.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _ABORT)
+                sock.shutdown(socket.SHUT_RD)
+        self.resets += len(doomed) // 2
 
     def restore(self) -> None:
         with self._lock:
@@ -183,14 +192,6 @@ class FlakyProxy:
         self.drop()
         self._listener.close()
 
-    def _reset(self, sock: socket.socket) -> None:
-        # SO_LINGER 0: close() sends RST, as a dead peer's kernel would.
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        with contextlib.suppress(OSError):
-            sock.close()
-        self.resets += 1
-
     def _accept(self) -> None:
         while True:
             try:
@@ -199,13 +200,14 @@ class FlakyProxy:
                 return
             with self._lock:
                 dropping = self._dropping
-            if dropping:
-                self._reset(client)
-                continue
-            try:
-                upstream = socket.create_connection((HOST, self.target_port), timeout=5)
-            except OSError:
-                self._reset(client)
+            upstream = None
+            if not dropping:
+                with contextlib.suppress(OSError):
+                    upstream = socket.create_connection((HOST, self.target_port), timeout=5)
+            if upstream is None:
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _ABORT)
+                client.close()
+                self.resets += 1
                 continue
             upstream.settimeout(None)
             with self._lock:
@@ -229,11 +231,17 @@ class FlakyProxy:
         except OSError:
             pass
         finally:
+            with self._lock:
+                dropped = source not in self._sockets
+                self._sockets -= {source, sink}
             for sock in (source, sink):
                 with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-            with self._lock:
-                self._sockets -= {source, sink}
+                    if not dropped:  # an orderly end: pass the FIN on
+                        sock.shutdown(socket.SHUT_RDWR)
+                    sock.close()
+
+
+_ABORT = struct.pack("ii", 1, 0)
 
 
 class ServiceProcess:
