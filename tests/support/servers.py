@@ -133,8 +133,7 @@ class RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [redis, "--port", str(self.port), "--bind", HOST, "--dir", str(self.directory),
-                 *NO_PERSISTENCE],  # fmt: skip
+                [redis, "--port", str(self.port), "--bind", HOST, *NO_PERSISTENCE],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
