@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import os
 import secrets
 import subprocess
 import time
@@ -47,6 +48,7 @@ LARGE = 1500
 # test that sets it (only the SIGKILL test relies on it, with a short one).
 NEVER_STALE = "10m"
 BLOBS_TMPFS = "160m"
+FAST_CLOCK = Path(__file__).parents[1] / "support" / "fast_clock"
 _numbers = itertools.count()
 
 
@@ -65,16 +67,24 @@ class FaultStack:
     processes: list[Worker | ServiceProcess] = field(default_factory=list)
 
     def start_engine(self, stale_run_after: str = NEVER_STALE, threads: int = 2) -> Worker:
-        """A scheduler ticking every second and one worker, stopped after the test."""
-        overrides = {**self.environment, "STALE_RUN_AFTER": stale_run_after}
-        scheduler = ServiceProcess(
-            ["scheduler"], overrides, self.workdir / f"scheduler-{next(_numbers)}.log"
-        ).start()
-        self.processes.append(scheduler)
+        """A scheduler and one worker, both stopped after the test."""
+        self.start_scheduler(stale_run_after)
         return self.start_worker(stale_run_after, threads)
 
-    def start_worker(self, stale_run_after: str = NEVER_STALE, threads: int = 2) -> Worker:
+    def start_scheduler(self, stale_run_after: str) -> None:
+        """`ingestion-grpc scheduler`, ticking every second."""
         overrides = {**self.environment, "STALE_RUN_AFTER": stale_run_after}
+        log_path = self.workdir / f"scheduler-{next(_numbers)}.log"
+        self.processes.append(ServiceProcess(["scheduler"], overrides, log_path).start())
+
+    def start_worker(
+        self, stale_run_after: str = NEVER_STALE, threads: int = 2, clock_ahead: float = 0
+    ) -> Worker:
+        """`clock_ahead`: seconds the worker's own clock is fast (tests/support/fast_clock)."""
+        overrides = {**self.environment, "STALE_RUN_AFTER": stale_run_after}
+        if clock_ahead:
+            path = os.pathsep.join(filter(None, [str(FAST_CLOCK), os.environ.get("PYTHONPATH")]))
+            overrides |= {"PYTHONPATH": path, "FAST_CLOCK_SECONDS": str(clock_ahead)}
         worker = Worker(overrides, self.workdir / f"worker-{next(_numbers)}.log", threads)
         self.processes.append(worker.start())
         return worker
@@ -248,7 +258,7 @@ def test_every_method_answers_503_while_the_database_is_down(faults: FaultStack)
     email_id = archived(client, source_id)[0]["id"]
     new_source = {"name": "x", "provider": "generic_imap",
                   "providerConfig": faults.dovecot.provider_config(email)}  # fmt: skip
-    calls: list[tuple[str, str, dict | None]] = [
+    calls: list[tuple[str, str, dict[str, object] | None]] = [
         ("POST", "/v1/ingestion-sources", new_source),
         ("GET", "/v1/ingestion-sources", None),
         ("GET", f"/v1/ingestion-sources/{source_id}", None),
@@ -351,12 +361,15 @@ def test_imap_server_dropping_every_connection_mid_import(faults: FaultStack) ->
 
 def test_worker_sigkilled_mid_import(faults: FaultStack) -> None:
     email, messages = large_mailbox(faults, "sigkill")
-    # For a worker that died, going quiet is the only sign: the watchdog takes
-    # its mailbox over once STALE_RUN_AFTER has passed.
-    worker = faults.start_engine(stale_run_after="5s")
+    faults.start_scheduler(stale_run_after="5s")
+    # For a worker that died, going quiet is the only sign: the watchdog takes its
+    # mailbox over once STALE_RUN_AFTER has passed, by the database's clock. This
+    # worker's clock is ten minutes fast: heartbeats by its own clock would look
+    # fresh for ten minutes.
+    doomed = faults.start_worker(stale_run_after="5s", clock_ahead=600)
     source_id = import_through_proxy(faults, email)
     mid_import(faults, source_id, len(messages))
-    worker.kill()
+    doomed.kill()
     faults.start_worker(stale_run_after="5s")
     assert_imported_exactly(faults, source_id, messages, RECOVERY_SECONDS)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import partial
 
@@ -112,8 +112,22 @@ class JobQueue:
         """Remember that the queue holds what was sent, for `was_emptied`."""
 
 
-def now() -> datetime:
-    return datetime.now(UTC)
+def now() -> ColumnElement[datetime]:
+    """The time, by the database's clock, for use inside a statement.
+
+    Every engine timestamp that processes on different machines compare
+    (heartbeats, leases and the stale checks, claims, cursors against runs) is
+    PostgreSQL's, never a process's own: a worker whose clock is off must not
+    look dead, or alive, for that. PostgreSQL's now() is its transaction's start.
+    """
+    return func.now()
+
+
+def database_now(uow: UnitOfWork) -> datetime:
+    """`now()` as a value, for rows built in Python."""
+    moment: datetime | None = uow.session.scalar(select(func.now()))
+    assert moment is not None
+    return moment
 
 
 # --- the rules ----------------------------------------------------------------------
@@ -196,8 +210,8 @@ def _open_or_resume_run(uow: UnitOfWork, source: IngestionSource, kind: RunKind)
     picked it up still leaves a run for the resume to continue.
     """
     run = open_run(uow, source.id)
+    started = database_now(uow)
     if run is None:
-        started = now()
         run = SyncSession(
             source_id=source.id, kind=kind, status=RunState.RUNNING, started_at=started
         )
@@ -205,7 +219,7 @@ def _open_or_resume_run(uow: UnitOfWork, source: IngestionSource, kind: RunKind)
         source.last_sync_started_at = started
         source.last_sync_status_message = f"{kind.capitalize()} queued."
     run.status = RunState.RUNNING
-    run.heartbeat_at = now()
+    run.heartbeat_at = started
     uow.session.flush()
     return run
 
@@ -364,7 +378,7 @@ def record_mailboxes(
         )
     run.max_concurrent_mailboxes = cap
     run.mailboxes_total = sum(mailbox_states(uow, run_id).values())
-    run.listed_at = run.listed_at or now()
+    run.listed_at = run.listed_at or database_now(uow)
     # Sent again from scratch: whatever was in the queue for this run before a
     # pause may be gone, and a job that does turn up is refused by the claim
     # while the cap is reached.
@@ -630,7 +644,7 @@ def _close(
     continuous_sync: bool,
     listing_failed: bool = False,
 ) -> RunEnd | None:
-    finished = now()
+    finished = database_now(uow)
     outcome = run_outcome(states, listing_failed=listing_failed)
     run.mailboxes_done = states.get(MailboxState.DONE, 0)
     run.mailboxes_failed = states.get(MailboxState.FAILED, 0)

@@ -294,7 +294,12 @@ def _advance(
         raise Released("lost_lease")
     uow.session.execute(
         insert(MailboxCursor)
-        .values(source_id=claim.source_id, mailbox=claim.mailbox, cursor=cursor)
+        .values(
+            source_id=claim.source_id,
+            mailbox=claim.mailbox,
+            cursor=cursor,
+            updated_at=lifecycle.now(),
+        )
         .on_conflict_do_update(
             index_elements=["source_id", "mailbox"],
             set_={"cursor": cursor, "updated_at": lifecycle.now()},
