@@ -26,7 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DataError
 
+from ingestion_grpc.db.session import Database, ping
+from ingestion_grpc.errors import DatabaseUnavailable
 from tests.support.corpora import HAM, mbox_messages
 from tests.support.dovecot import Dovecot
 from tests.support.envoy import EnvoyProxy, free_port, start_envoy, wait_healthy
@@ -412,3 +416,16 @@ def test_archive_disk_full_mid_import_waits_then_completes(faults: FaultStack) -
     finally:
         ballast.unlink()
     assert_imported_exactly(faults, source_id, messages, RECOVERY_SECONDS)
+
+
+def test_only_an_unreachable_database_is_unavailable(faults: FaultStack) -> None:
+    """A refused connection is DatabaseUnavailable (503); an error of the statement
+    itself stays what it is (a 500 that is logged, not a retry)."""
+    nowhere = Database(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres")
+    with pytest.raises(DatabaseUnavailable):
+        ping(nowhere.engine)
+    nowhere.dispose()
+    database = Database(faults.postgres.url)
+    with pytest.raises(DataError), database.engine.connect() as connection:
+        connection.execute(text("SELECT 1 / 0"))
+    database.dispose()
