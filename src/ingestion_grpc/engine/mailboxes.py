@@ -107,7 +107,7 @@ def _ingest_claimed(
         # Not the mailbox's fault, and this worker is fine: hand the mailbox back
         # (and send it again) as soon as the database answers, rather than
         # leaving it held until STALE_RUN_AFTER tells the watchdog it is lost.
-        log.warning("mailbox %s of run %s: the database went away; hands it back", mailbox, run_id)
+        log.warning("mailbox %s of run %s: the database went away; released", mailbox, run_id)
         outcome = "requeued"
         _release(ctx, claim, requeue=True)
         return
@@ -328,7 +328,7 @@ def _end(ctx: EngineContext, claim: MailboxClaim, state: MailboxState, reason: s
             lifecycle.end_mailbox(uow, claim, state, reason, ctx.jobs)
             uow.commit()
 
-    once_the_database_answers(ctx, end)
+    _once_the_database_answers(ctx, end)
 
 
 def _release(
@@ -341,10 +341,10 @@ def _release(
             )
             uow.commit()
 
-    once_the_database_answers(ctx, release)
+    _once_the_database_answers(ctx, release)
 
 
-def once_the_database_answers(ctx: EngineContext, action: Callable[[], None]) -> None:
+def _once_the_database_answers(ctx: EngineContext, action: Callable[[], None]) -> None:
     """`action()`; if the database cannot be reached, again once it answers.
 
     Both the mailbox's end and its hand-back only change rows this worker's

@@ -24,7 +24,8 @@ def syncable_providers() -> list[str]:
 
 
 def tick(ctx: EngineContext) -> None:
-    # Asked first, so that the jobs this tick sends are not taken for survivors.
+    # Marked intact only once the lost work was sent again: a tick that fails
+    # on the way leaves the sign for the next one.
     queue_emptied = ctx.jobs.was_emptied()
     schedule_due_syncs(ctx)
     revive_lost_runs(ctx, queue_emptied=queue_emptied)
