@@ -338,6 +338,15 @@ def test_redis_restart_mid_import_loses_no_work(faults: FaultStack) -> None:
     # Not after STALE_RUN_AFTER (10 minutes): the scheduler saw that Redis lost
     # everything and sent the claimed run again.
     assert_imported_exactly(faults, queued_id, queued_messages, RECOVERY_SECONDS)
+    # The server's own connection to Redis recovered too: a sync is sent and runs.
+    assert faults.admin.post(f"/v1/ingestion-sources/{source_id}/sync").status_code == 202
+    synced = wait_for(
+        lambda: latest_run(faults.admin, source_id),
+        lambda run: run["kind"] == "sync" and run["status"] != "running",
+        timeout=RECOVERY_SECONDS,
+        what="the sync after the restart",
+    )
+    assert (synced["status"], synced["messagesArchived"]) == ("completed", 0)
 
 
 # --- the IMAP server dropping every connection ---------------------------------------
