@@ -240,6 +240,7 @@ def mid_import(faults: FaultStack, source_id: str, total: int) -> int:
 
 # --- the database down: 503 for every method ---------------------------------------
 
+OCTETS = {"Content-Type": "application/octet-stream"}
 UNAVAILABLE = {
     "code": 14,
     "message": "The database cannot be reached; try again shortly.",
@@ -289,6 +290,8 @@ def test_every_method_answers_503_while_the_database_is_down(faults: FaultStack)
             for method, path, body in calls
             for response in [client.request(method, path, json=body)]
         }
+        upload = client.post("/v1/upload", data=b"From x\n", headers=OCTETS)
+        answers["POST /v1/upload"] = (upload.status_code, upload.json())
     finally:
         faults.postgres.start()
     assert answers == {call: (503, UNAVAILABLE) for call in answers}
