@@ -48,6 +48,15 @@ class Unavailable(IngestionError):
     """Raised when a dependency (database, broker) cannot be reached now."""
 
 
+class DatabaseUnavailable(Unavailable):
+    """Raised when PostgreSQL cannot be reached: refused, restarting, or the
+    connection lost mid-transaction (`db/session.py` turns the driver's error
+    into this one)."""
+
+    def __init__(self, message: str = "The database cannot be reached; try again shortly.") -> None:
+        super().__init__(message)
+
+
 class ResourceExhausted(IngestionError):
     """Raised when a request exceeds a limit; `http_status` narrows REST's 429.
 

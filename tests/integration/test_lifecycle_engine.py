@@ -291,3 +291,30 @@ def test_a_dead_workers_mailbox_is_sent_again_by_the_watchdog(
     drain(ctx)
     assert run_row(ctx, run_id).messages_archived == 4
     assert status(ctx, source_id) == "active"
+
+
+def test_work_an_emptied_queue_lost_is_sent_again_at_once(
+    grpc_server: object, ctx: EngineContext
+) -> None:
+    """Redis restarted without persistence: its jobs are gone, and nothing says so
+    but the queue's own sign. The watchdog sends them again at its next tick, not
+    after STALE_RUN_AFTER."""
+    jobs = queue(ctx)
+    source_id = new_source(ctx, {"a": mail(3, "a")})
+    run_id = claim(ctx, source_id)
+    jobs.runs.clear()  # the run's job, lost with Redis
+    scheduler.revive_lost_runs(ctx)
+    assert jobs.runs == []  # claimed a moment ago: by the clock it may still be queued
+    scheduler.revive_lost_runs(ctx, queue_emptied=True)
+    assert (source_id, RunKind.IMPORT) in jobs.runs
+    jobs.runs.clear()
+    runs.start_run(ctx, source_id, RunKind.IMPORT, final_attempt=True)
+    jobs.mailboxes.clear()  # the mailbox's job, lost with Redis
+    scheduler.revive_lost_mailboxes(ctx)
+    assert jobs.mailboxes == []
+    scheduler.revive_lost_mailboxes(ctx, queue_emptied=True)
+    assert (run_id, "a") in jobs.mailboxes
+    jobs.mailboxes[:] = [(run_id, "a")]  # other tests' leftovers are not this test's
+    drain(ctx)
+    assert run_row(ctx, run_id).messages_archived == 3
+    assert status(ctx, source_id) == "active"

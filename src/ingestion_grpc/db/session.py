@@ -5,8 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from types import TracebackType
 
-from sqlalchemy import Engine, create_engine, text
+import psycopg
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.orm import Session, sessionmaker
+
+from ingestion_grpc.errors import DatabaseUnavailable
+
+# SQLSTATEs that mean "no server to talk to": connection exceptions (class 08),
+# and a server shutting down, crashed, or still starting up.
+_UNREACHABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03")
 
 
 def sqlalchemy_url(database_url: str) -> str:
@@ -18,7 +26,29 @@ def sqlalchemy_url(database_url: str) -> str:
 
 
 def make_engine(database_url: str) -> Engine:
-    return create_engine(sqlalchemy_url(database_url), pool_pre_ping=True, pool_size=10)
+    engine = create_engine(sqlalchemy_url(database_url), pool_pre_ping=True, pool_size=10)
+    event.listen(engine, "handle_error", _unreachable, retval=True)
+    return engine
+
+
+def _unreachable(context: ExceptionContext) -> DatabaseUnavailable | None:
+    """A database that cannot be reached becomes DatabaseUnavailable (503 for the
+    API; for a worker, a cue to hand its mailbox back once the database answers).
+    Other errors (a constraint, a deadlock, a bad statement) stay as they are.
+
+    SQLAlchemy invalidates a broken connection before raising this, so the next
+    unit of work gets a new one.
+    """
+    if context.is_pre_ping:
+        return None  # the pool tries one new connection by itself first
+    error = context.original_exception
+    sqlstate = getattr(error, "sqlstate", None)
+    if context.is_disconnect or (
+        isinstance(error, psycopg.OperationalError)
+        and (sqlstate is None or sqlstate.startswith(_UNREACHABLE_SQLSTATES))
+    ):
+        return DatabaseUnavailable()
+    return None
 
 
 def ping(engine: Engine) -> None:

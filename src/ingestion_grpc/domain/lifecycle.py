@@ -25,11 +25,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import partial
 
-from sqlalchemy import Update, and_, exists, false, func, select, update
+from sqlalchemy import ColumnElement, Update, and_, exists, false, func, select, true, update
 from sqlalchemy.dialects.postgresql import insert
 
 from ingestion_grpc.db.models import IngestionSource, RunMailbox, SyncSession, new_id
@@ -103,9 +103,31 @@ class JobQueue:
         """Raise Unavailable if the queue cannot take jobs now."""
         raise NotImplementedError
 
+    def was_emptied(self) -> bool:
+        """Whether the queue lost everything it held since `mark_intact` (a broker
+        restarted without persistence, or flushed). A queue that cannot tell says no."""
+        return False
 
-def now() -> datetime:
-    return datetime.now(UTC)
+    def mark_intact(self) -> None:
+        """Remember that the queue holds what was sent, for `was_emptied`."""
+
+
+def now() -> ColumnElement[datetime]:
+    """The time, by the database's clock, for use inside a statement.
+
+    Every engine timestamp that processes on different machines compare
+    (heartbeats, leases and the stale checks, claims, cursors against runs) is
+    PostgreSQL's, never a process's own: a worker whose clock is off must not
+    look dead, or alive, for that. PostgreSQL's now() is its transaction's start.
+    """
+    return func.now()
+
+
+def database_now(uow: UnitOfWork) -> datetime:
+    """`now()` as a value, for rows built in Python."""
+    moment: datetime | None = uow.session.scalar(select(func.now()))
+    assert moment is not None
+    return moment
 
 
 # --- the rules ----------------------------------------------------------------------
@@ -188,8 +210,8 @@ def _open_or_resume_run(uow: UnitOfWork, source: IngestionSource, kind: RunKind)
     picked it up still leaves a run for the resume to continue.
     """
     run = open_run(uow, source.id)
+    started = database_now(uow)
     if run is None:
-        started = now()
         run = SyncSession(
             source_id=source.id, kind=kind, status=RunState.RUNNING, started_at=started
         )
@@ -197,7 +219,7 @@ def _open_or_resume_run(uow: UnitOfWork, source: IngestionSource, kind: RunKind)
         source.last_sync_started_at = started
         source.last_sync_status_message = f"{kind.capitalize()} queued."
     run.status = RunState.RUNNING
-    run.heartbeat_at = now()
+    run.heartbeat_at = started
     uow.session.flush()
     return run
 
@@ -356,7 +378,7 @@ def record_mailboxes(
         )
     run.max_concurrent_mailboxes = cap
     run.mailboxes_total = sum(mailbox_states(uow, run_id).values())
-    run.listed_at = run.listed_at or now()
+    run.listed_at = run.listed_at or database_now(uow)
     # Sent again from scratch: whatever was in the queue for this run before a
     # pause may be gone, and a job that does turn up is refused by the claim
     # while the cap is reached.
@@ -503,12 +525,18 @@ def held(claim: MailboxClaim) -> Update:
 
 
 def release_mailbox(
-    uow: UnitOfWork, claim: MailboxClaim, *, pause_run: bool, requeue: JobQueue | None = None
+    uow: UnitOfWork,
+    claim: MailboxClaim,
+    *,
+    pause_run: bool,
+    requeue: JobQueue | None = None,
+    reason: str | None = None,
 ) -> None:
     """Hand the mailbox back (pending) if this worker still holds it.
 
     `pause_run` when its source was paused; `requeue` to send it again at once
-    (its time slice is used up, not its work).
+    (its time slice is used up, or its database went away, not its work);
+    `reason`, why it waits (shown with the run's mailboxes until it ends).
     """
     uow.session.execute(
         held(claim).values(
@@ -516,6 +544,7 @@ def release_mailbox(
             lease=None,
             enqueued_at=now() if requeue else None,
             updated_at=now(),
+            **({} if reason is None else {"error_message": reason}),
         )
     )
     if pause_run:
@@ -615,7 +644,7 @@ def _close(
     continuous_sync: bool,
     listing_failed: bool = False,
 ) -> RunEnd | None:
-    finished = now()
+    finished = database_now(uow)
     outcome = run_outcome(states, listing_failed=listing_failed)
     run.mailboxes_done = states.get(MailboxState.DONE, 0)
     run.mailboxes_failed = states.get(MailboxState.FAILED, 0)
@@ -668,26 +697,32 @@ def _summary(run: SyncSession, failed: bool) -> str:
 # --- stale-run recovery ----------------------------------------------------------------
 
 
-def revive_lost_runs(uow: UnitOfWork, jobs: JobQueue, stale_after: timedelta) -> list[str]:
+def revive_lost_runs(
+    uow: UnitOfWork, jobs: JobQueue, stale_after: timedelta, *, queue_emptied: bool = False
+) -> list[str]:
     """Re-send claimed runs whose start never reached a worker; their source ids.
 
     A claimed run normally waits in the queue; only once the queue is empty can
     it be known lost (its worker died before listing mailboxes, or Redis lost it).
+    `queue_emptied`: the queue lost everything (`JobQueue.was_emptied`), so every
+    claimed run not yet listed is sent again at once; one a worker is listing
+    right now is listed twice, which changes nothing.
     """
-    if jobs.backlog() != 0:
+    if jobs.backlog() != 0 and not queue_emptied:
         return []
     stale_before = now() - stale_after
+    started = SyncSession.listed_at.is_not(None)
     live_run = exists().where(
         SyncSession.source_id == IngestionSource.id,
         SyncSession.status == RunState.RUNNING,
-        (SyncSession.listed_at.is_not(None)) | (SyncSession.heartbeat_at >= stale_before),
+        started if queue_emptied else started | (SyncSession.heartbeat_at >= stale_before),
     )
     lost = list(
         uow.session.execute(
             update(IngestionSource)
             .where(
                 IngestionSource.status.in_(RUNNING),
-                IngestionSource.run_requested_at < stale_before,
+                true() if queue_emptied else IngestionSource.run_requested_at < stale_before,
                 ~live_run,
                 # A paused run is resumed by the user, not by the watchdog.
                 ~exists().where(
@@ -721,22 +756,29 @@ def complete_runs(uow: UnitOfWork) -> list[str]:
     )
 
 
-def revive_lost_mailboxes(uow: UnitOfWork, jobs: JobQueue, stale_after: timedelta) -> int:
+def revive_lost_mailboxes(
+    uow: UnitOfWork, jobs: JobQueue, stale_after: timedelta, *, queue_emptied: bool = False
+) -> int:
     """Re-send mailboxes whose worker died, or whose job the queue lost, and fill
-    places a dead worker left under a run's cap. How many were sent."""
+    places a dead worker left under a run's cap. How many were sent.
+
+    `queue_emptied`: the queue lost everything, so every sent mailbox is sent
+    again at once (a worker that had already taken one refuses the copy)."""
     stale_before = now() - stale_after
-    queue_is_empty = jobs.backlog() == 0
     in_running_run = exists().where(
         and_(SyncSession.id == RunMailbox.run_id, SyncSession.status == RunState.RUNNING)
     )
     dead = (RunMailbox.state == MailboxState.RUNNING) & (RunMailbox.heartbeat_at < stale_before)
+    in_queue = (RunMailbox.state == MailboxState.PENDING) & RunMailbox.enqueued_at.is_not(None)
     # A sent mailbox normally waits in the queue; only once the queue is empty
-    # can it be known lost (a Redis restart, say).
-    lost = (
-        (RunMailbox.state == MailboxState.PENDING) & (RunMailbox.enqueued_at < stale_before)
-        if queue_is_empty
-        else false()
-    )
+    # can it be known lost (its job dropped, say).
+    lost: ColumnElement[bool]
+    if queue_emptied:
+        lost = in_queue
+    elif jobs.backlog() == 0:
+        lost = in_queue & (RunMailbox.enqueued_at < stale_before)
+    else:
+        lost = false()
     revived = list(
         uow.session.execute(
             update(RunMailbox)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -32,13 +32,14 @@ from ingestion_grpc.archive.catalog import (
     record_batch,
 )
 from ingestion_grpc.db.models import IngestionSource, MailboxCursor, RunMailbox, SyncSession
-from ingestion_grpc.db.session import Database, UnitOfWork
+from ingestion_grpc.db.session import Database, UnitOfWork, ping
 from ingestion_grpc.domain import lifecycle
 from ingestion_grpc.domain.lifecycle import RUN_STATUS, MailboxClaim, MailboxState, RunKind
 from ingestion_grpc.engine.context import EngineContext
 from ingestion_grpc.engine.read_ahead import ReadAhead
 from ingestion_grpc.engine.runs import finish_if_complete
 from ingestion_grpc.errors import (
+    DatabaseUnavailable,
     IngestionError,
     MailboxUnavailable,
     ProviderAuthError,
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 # A mailbox hands its place back to the queue after this long, so that one
 # huge mailbox cannot hold a worker (or the actor's time limit) for hours.
 SLICE_SECONDS = 600.0
+# How often a worker whose database went away asks whether it is back.
+DATABASE_POLL_SECONDS = 0.5
 
 
 class Released(Exception):
@@ -106,6 +109,14 @@ def _ingest_claimed(
         _ingest(ctx, claim, provider, cursor)
     except Released as released:
         outcome = released.outcome
+    except DatabaseUnavailable:
+        # Not the mailbox's fault, and this worker is fine: hand the mailbox back
+        # (and send it again) as soon as the database answers, rather than
+        # leaving it held until STALE_RUN_AFTER tells the watchdog it is lost.
+        log.warning("mailbox %s of run %s: the database went away; released", mailbox, run_id)
+        outcome = "requeued"
+        _release(ctx, claim, requeue=True)
+        return
     except MailboxUnavailable as error:
         log.info("mailbox %s of run %s skipped: %s", claim.display_name, run_id, error)
         outcome = "skipped"
@@ -121,9 +132,7 @@ def _ingest_claimed(
             _end(ctx, claim, MailboxState.FAILED, f"gave up after retries: {message}")
         else:
             log.warning("mailbox %s of run %s: %s; will retry", mailbox, run_id, message)
-            with ctx.database.unit_of_work() as uow:
-                lifecycle.release_mailbox(uow, claim, pause_run=False)
-                uow.commit()
+            _release(ctx, claim, requeue=False, reason=f"{message}; will retry")
             raise
     else:
         outcome = "done"
@@ -293,7 +302,12 @@ def _advance(
         raise Released("lost_lease")
     uow.session.execute(
         insert(MailboxCursor)
-        .values(source_id=claim.source_id, mailbox=claim.mailbox, cursor=cursor)
+        .values(
+            source_id=claim.source_id,
+            mailbox=claim.mailbox,
+            cursor=cursor,
+            updated_at=lifecycle.now(),
+        )
         .on_conflict_do_update(
             index_elements=["source_id", "mailbox"],
             set_={"cursor": cursor, "updated_at": lifecycle.now()},
@@ -317,6 +331,49 @@ def _advance(
 
 
 def _end(ctx: EngineContext, claim: MailboxClaim, state: MailboxState, reason: str) -> None:
-    with ctx.database.unit_of_work() as uow:
-        lifecycle.end_mailbox(uow, claim, state, reason, ctx.jobs)
-        uow.commit()
+    def end() -> None:
+        with ctx.database.unit_of_work() as uow:
+            lifecycle.end_mailbox(uow, claim, state, reason, ctx.jobs)
+            uow.commit()
+
+    _once_the_database_answers(ctx, end)
+
+
+def _release(
+    ctx: EngineContext, claim: MailboxClaim, *, requeue: bool, reason: str | None = None
+) -> None:
+    def release() -> None:
+        with ctx.database.unit_of_work() as uow:
+            lifecycle.release_mailbox(
+                uow, claim, pause_run=False, requeue=ctx.jobs if requeue else None, reason=reason
+            )
+            uow.commit()
+
+    _once_the_database_answers(ctx, release)
+
+
+def _once_the_database_answers(ctx: EngineContext, action: Callable[[], None]) -> None:
+    """`action()`; if the database cannot be reached, again once it answers.
+
+    Both the mailbox's end and its hand-back only change rows this worker's
+    lease holds, so doing one twice is harmless. Waits at most STALE_RUN_AFTER:
+    past that the watchdog takes the mailbox over anyway.
+    """
+    try:
+        action()
+        return
+    except DatabaseUnavailable:
+        deadline = time.monotonic() + ctx.stale_after.total_seconds()
+        while not _answers(ctx.database):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(DATABASE_POLL_SECONDS)
+    action()
+
+
+def _answers(database: Database) -> bool:
+    try:
+        ping(database.engine)
+    except DatabaseUnavailable:
+        return False
+    return True

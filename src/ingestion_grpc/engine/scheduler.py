@@ -26,9 +26,14 @@ def syncable_providers() -> list[str]:
 
 
 def tick(ctx: EngineContext) -> None:
+    # Marked intact only once the lost work was sent again: a tick that fails
+    # on the way leaves the sign for the next one.
+    queue_emptied = ctx.jobs.was_emptied()
     schedule_due_syncs(ctx)
-    revive_lost_runs(ctx)
-    revive_lost_mailboxes(ctx)
+    revive_lost_runs(ctx, queue_emptied=queue_emptied)
+    revive_lost_mailboxes(ctx, queue_emptied=queue_emptied)
+    if queue_emptied:
+        ctx.jobs.mark_intact()
 
 
 def schedule_due_syncs(ctx: EngineContext) -> list[str]:
@@ -41,20 +46,20 @@ def schedule_due_syncs(ctx: EngineContext) -> list[str]:
     return claimed
 
 
-def revive_lost_runs(ctx: EngineContext) -> None:
+def revive_lost_runs(ctx: EngineContext, *, queue_emptied: bool = False) -> None:
     """Re-send runs whose start never reached a worker, and close finished ones."""
     with ctx.database.unit_of_work() as uow:
-        lifecycle.revive_lost_runs(uow, ctx.jobs, ctx.stale_after)
+        lifecycle.revive_lost_runs(uow, ctx.jobs, ctx.stale_after, queue_emptied=queue_emptied)
         uow.commit()
         complete = lifecycle.complete_runs(uow)
     for run_id in complete:
         finish_if_complete(ctx, run_id)
 
 
-def revive_lost_mailboxes(ctx: EngineContext) -> None:
+def revive_lost_mailboxes(ctx: EngineContext, *, queue_emptied: bool = False) -> None:
     """Re-send mailboxes whose worker died, or whose job the queue lost."""
     with ctx.database.unit_of_work() as uow:
-        lifecycle.revive_lost_mailboxes(uow, ctx.jobs, ctx.stale_after)
+        lifecycle.revive_lost_mailboxes(uow, ctx.jobs, ctx.stale_after, queue_emptied=queue_emptied)
         uow.commit()
 
 

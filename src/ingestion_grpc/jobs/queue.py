@@ -40,6 +40,18 @@ class DramatiqJobQueue(JobQueue):
         waiting: int = self._broker.client.llen(prefix) + self._broker.client.llen(f"{prefix}.DQ")
         return waiting
 
+    def was_emptied(self) -> bool:
+        # Redis keeps no trace of a restart without persistence; a key of our
+        # own that is gone is the trace.
+        return not self._broker.client.exists(self._intact_key)
+
+    def mark_intact(self) -> None:
+        self._broker.client.set(self._intact_key, "1")
+
+    @property
+    def _intact_key(self) -> str:
+        return f"{self._broker.namespace}:{messages.QUEUE}.intact"
+
     def ping(self) -> None:
         try:
             self._broker.client.ping()
