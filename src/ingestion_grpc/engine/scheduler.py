@@ -12,6 +12,7 @@ import logging
 import threading
 
 from ingestion_grpc.domain import lifecycle
+from ingestion_grpc.engine import upload_sweep
 from ingestion_grpc.engine.context import EngineContext
 from ingestion_grpc.engine.runs import finish_if_complete
 from ingestion_grpc.providers.registry import PROVIDERS
@@ -27,6 +28,7 @@ def tick(ctx: EngineContext) -> None:
     schedule_due_syncs(ctx)
     revive_lost_runs(ctx)
     revive_lost_mailboxes(ctx)
+    upload_sweep.sweep_if_due(ctx)
 
 
 def schedule_due_syncs(ctx: EngineContext) -> list[str]:
