@@ -11,10 +11,13 @@ attempt back from the address's. Past either limit every attempt is refused,
 the right password too (otherwise the limit would still confirm a guess),
 without checking the password, so an attempt on an unknown account meets the
 same counters, the same work and the same answer as one on a real account.
+A refused attempt is taken back too: it was never checked, so it is no
+failure (an address already blocked cannot go on to lock accounts).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from dataclasses import dataclass
@@ -76,15 +79,22 @@ class LoginThrottle:
             if count > limit
         ]
         if waits:
+            # Refused unchecked, so not a failure: it counts against neither.
+            self._uncount(keys)
             raise TooManyLogins(max(1, math.ceil(max(waits) / 1000)))
 
     def succeeded(self, email: str, address: str) -> None:
         """Clear the account's failures and take this attempt back from the address's."""
-        try:
+        # The user is signed in whatever Redis says: a counter left too high
+        # only expires at the end of its window.
+        with contextlib.suppress(redis.RedisError):
             self._redis.delete(self._account_key(email))
-            self._take_back(keys=[self._address_key(address)])
-        except redis.RedisError:
-            pass  # The user is signed in; a counter left one too high only expires later.
+        self._uncount([self._address_key(address)])
+
+    def _uncount(self, keys: list[str] | tuple[str, ...]) -> None:
+        for key in keys:
+            with contextlib.suppress(redis.RedisError):
+                self._take_back(keys=[key])
 
     def _account_key(self, email: str) -> str:
         # Hashed: the key names no address, known or not.
