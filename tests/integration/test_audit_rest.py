@@ -229,6 +229,16 @@ def test_a_failed_sign_in_is_recorded_without_the_password(admin: Rest) -> None:
     assert failed[0]["actor"]["userId"] == ""
     assert failed[0]["details"] == {"reason": "invalid_credentials", "clientAddress": "127.0.0.1"}
     assert password not in trail_text(admin)
+    # What is not an email address may be a password typed into the wrong field.
+    typed = "hunter2-" + uuid.uuid4().hex
+    assert (
+        requests.post(
+            f"{admin.base_url}/v1/auth/login", json={"email": typed, "password": "x"}, timeout=10
+        ).status_code
+        == 401
+    )
+    assert events(admin, action="auth.login_failed")[0]["actor"]["email"] == ""
+    assert typed not in trail_text(admin)
 
 
 def test_only_admins_read_the_trail(make_client: Callable[[str], Rest], admin: Rest) -> None:

@@ -46,6 +46,15 @@ def normalise_email(email: str, field: str = "email") -> str:
     return email
 
 
+def _email_or_nothing(text: str) -> str:
+    """`text` if it is an email address, else "": what someone typed into the
+    email field may be a password."""
+    try:
+        return normalise_email(text)
+    except InvalidArgument:
+        return ""
+
+
 def create_user(uow: UnitOfWork, email: str, password: str, role: Role) -> User:
     if len(password) < 8:
         raise InvalidArgument("password", "must be at least 8 characters")
@@ -92,7 +101,7 @@ def login(
     if not verify_password(user.password_hash if user else None, password) or user is None:
         audit.record_failed_login(
             uow,
-            email.strip().lower(),
+            _email_or_nothing(email),
             user.id if user else None,
             {"reason": "invalid_credentials", "clientAddress": client_address},
         )

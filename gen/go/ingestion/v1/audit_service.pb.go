@@ -32,7 +32,8 @@ type AuditActor struct {
 
 	// Output only. The user's id; empty when a sign-in named no known user.
 	UserId string `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
-	// Output only. The user's email (for a failed sign-in, the email tried).
+	// Output only. The user's email; for a failed sign-in, the email tried
+	// (empty if what was tried is not an email address: it may be a password).
 	Email string `protobuf:"bytes,2,opt,name=email,proto3" json:"email,omitempty"`
 	// Output only. The API key the request was made with; empty for a user
 	// signed in with a token.

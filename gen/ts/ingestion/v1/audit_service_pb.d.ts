@@ -26,7 +26,8 @@ export declare type AuditActor = Message<"ingestion.v1.AuditActor"> & {
   userId: string;
 
   /**
-   * Output only. The user's email (for a failed sign-in, the email tried).
+   * Output only. The user's email; for a failed sign-in, the email tried
+   * (empty if what was tried is not an email address: it may be a password).
    *
    * @generated from field: string email = 2;
    */
