@@ -241,8 +241,11 @@ class AuditEvent(Base):
 
     __tablename__ = "audit_events"
     __table_args__ = (
+        # Newest first, whole or by one of the list's filters.
         Index("ix_audit_events_order", "occurred_at", "id"),
-        Index("ix_audit_events_source", "source_id", "occurred_at"),
+        Index("ix_audit_events_source", "source_id", "occurred_at", "id"),
+        Index("ix_audit_events_action", "action", "occurred_at", "id"),
+        Index("ix_audit_events_actor", "actor_user_id", "occurred_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)

@@ -39,7 +39,12 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_audit_events")),
     )
     op.create_index("ix_audit_events_order", "audit_events", ["occurred_at", "id"])
-    op.create_index("ix_audit_events_source", "audit_events", ["source_id", "occurred_at"])
+    for name, column in (
+        ("ix_audit_events_source", "source_id"),
+        ("ix_audit_events_action", "action"),
+        ("ix_audit_events_actor", "actor_user_id"),
+    ):
+        op.create_index(name, "audit_events", [column, "occurred_at", "id"])
     # Files uploaded before this revision have no row: the sweep removes such a
     # file after UPLOAD_TTL only if no source's configuration names it.
     op.create_table(
@@ -76,6 +81,11 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("ix_uploads_unused_created", "uploads")
     op.drop_table("uploads")
-    op.drop_index("ix_audit_events_source", "audit_events")
-    op.drop_index("ix_audit_events_order", "audit_events")
+    for name in (
+        "ix_audit_events_actor",
+        "ix_audit_events_action",
+        "ix_audit_events_source",
+        "ix_audit_events_order",
+    ):
+        op.drop_index(name, "audit_events")
     op.drop_table("audit_events")
