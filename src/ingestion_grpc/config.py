@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
+from urllib.parse import quote, unquote, urlsplit
 
 from ingestion_grpc.errors import ConfigurationError
 
@@ -83,6 +84,34 @@ def parse_url(text: str, variable: str) -> str:
     if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", url):
         raise ConfigurationError(f"{variable} must be an http(s) URL such as https://example.com")
     return url
+
+
+# S3's rules for bucket names (3-63 characters; DNS-style, no "..").
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def parse_archive_url(text: str, variable: str) -> str:
+    """`file:///absolute/path` or `s3://bucket[/prefix]`, normalised (no trailing `/`)."""
+    url = urlsplit(text.strip())
+    if url.scheme == "file" and url.netloc in ("", "localhost") and url.path.startswith("/"):
+        path = Path(unquote(url.path)).resolve()
+        return "file://" + quote(str(path))
+    if (
+        url.scheme == "s3"
+        and _BUCKET.fullmatch(url.netloc)
+        and ".." not in url.netloc
+        and not url.query
+        and not url.fragment
+    ):
+        prefix = unquote(url.path).strip("/")
+        if not prefix:
+            return f"s3://{url.netloc}"
+        if all(part not in ("", ".", "..") for part in prefix.split("/")):
+            return f"s3://{url.netloc}/{quote(prefix)}"
+    raise ConfigurationError(
+        f"{variable} must be file:///absolute/path or s3://bucket/prefix "
+        "(a bucket name of 3-63 lowercase letters, digits, dots and hyphens)"
+    )
 
 
 def parse_limit(text: str, variable: str) -> float:
@@ -170,6 +199,10 @@ class Settings:
     limit_overrides: Mapping[str, float] = field(default_factory=dict)
     # PROVIDER_PLUGINS=module:Class,...: more providers (tests, private ones).
     provider_plugins: tuple[str, ...] = ()
+    # Where message bytes go: file:///path or s3://bucket/prefix ("" = DATA_DIR/blobs).
+    archive_url: str = ""
+    # An S3-compatible store's URL (MinIO, Ceph, R2); "" = AWS's own endpoints.
+    s3_endpoint_url: str = ""
     # An upload no source uses is removed this long after it was made.
     upload_ttl: timedelta = timedelta(hours=24)
     # Failed sign-ins allowed per account and per client address in a window.
@@ -188,6 +221,7 @@ class Settings:
         """Every variable, read and checked; ConfigurationError names a bad one."""
         data_dir = Path(environ.get("DATA_DIR", "./data")).resolve()
         google = environ.get("GOOGLE_API_ENDPOINT", "").strip()
+        s3_endpoint = environ.get("S3_ENDPOINT_URL", "").strip()
         return cls(
             data_dir=data_dir,
             database_url=_required(environ, "DATABASE_URL"),
@@ -229,6 +263,11 @@ class Settings:
             provider_plugins=tuple(
                 p.strip() for p in environ.get("PROVIDER_PLUGINS", "").split(",") if p.strip()
             ),
+            archive_url=parse_archive_url(
+                environ.get("ARCHIVE_URL", "").strip() or f"file://{quote(str(data_dir))}/blobs",
+                "ARCHIVE_URL",
+            ),
+            s3_endpoint_url=parse_url(s3_endpoint, "S3_ENDPOINT_URL") if s3_endpoint else "",
             upload_ttl=parse_duration(environ.get("UPLOAD_TTL", "24h"), "UPLOAD_TTL"),
             login_max_failures_per_account=parse_count(
                 environ.get("LOGIN_MAX_FAILURES_PER_ACCOUNT", "10"),

@@ -1,4 +1,6 @@
-"""The scheduler: periodic syncs, and the watchdog that revives lost work.
+"""The scheduler: periodic syncs, the watchdog that revives lost work, and now
+and then the sweeps of orphaned blobs (archive/sweep.py) and of unused uploads
+(engine/upload_sweep.py).
 
 `python -m ingestion_grpc.engine.scheduler` ticks every SCHEDULER_TICK. Any
 number may run at once: every decision is a conditional UPDATE in PostgreSQL
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from ingestion_grpc.archive.sweep import PeriodicSweep
 from ingestion_grpc.domain import lifecycle
 from ingestion_grpc.engine import upload_sweep
 from ingestion_grpc.engine.context import EngineContext
@@ -28,7 +31,6 @@ def tick(ctx: EngineContext) -> None:
     schedule_due_syncs(ctx)
     revive_lost_runs(ctx)
     revive_lost_mailboxes(ctx)
-    upload_sweep.sweep_if_due(ctx)
 
 
 def schedule_due_syncs(ctx: EngineContext) -> list[str]:
@@ -61,9 +63,13 @@ def revive_lost_mailboxes(ctx: EngineContext) -> None:
 def run_forever(ctx: EngineContext, every_seconds: float, stopping: threading.Event) -> None:
     """Tick until `stopping` is set; a failed tick is logged and tried again."""
     log.info("scheduler ticking every %g s", every_seconds)
+    orphans = PeriodicSweep()
+    uploads = upload_sweep.PeriodicUploadSweep()
     while not stopping.is_set():
         try:
             tick(ctx)
+            orphans.run_if_due(ctx.database, ctx.blobs)
+            uploads.run_if_due(ctx)
         except Exception:
             log.exception("scheduler tick failed; trying again next tick")
         stopping.wait(every_seconds)

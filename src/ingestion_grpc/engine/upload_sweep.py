@@ -1,15 +1,14 @@
-"""Now and then, from the scheduler's tick: remove the uploads nobody uses.
+"""Now and then, from the scheduler's loop: remove the uploads nobody uses.
 
 `domain/uploads.remove_expired` does the work; this module decides when (at
-most every SWEEP_EVERY in a process: any number of schedulers may sweep, each
-removal is conditional) and tells it which files sources still name.
+most every SWEEP_EVERY_SECONDS in a scheduler; any number of schedulers may
+sweep, each removal is conditional) and tells it which files sources still name.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -25,17 +24,20 @@ log = logging.getLogger(__name__)
 
 SWEEP_EVERY_SECONDS = 600.0
 
-_lock = threading.Lock()
-_next_sweep = 0.0
 
+class PeriodicUploadSweep:
+    """Runs `sweep` at most every `every_seconds` (the first time at once)."""
 
-def sweep_if_due(ctx: EngineContext) -> None:
-    global _next_sweep
-    with _lock:
-        if time.monotonic() < _next_sweep:
+    def __init__(self, every_seconds: float = SWEEP_EVERY_SECONDS) -> None:
+        self._every = every_seconds
+        self._next = time.monotonic()
+
+    def run_if_due(self, ctx: EngineContext) -> None:
+        if time.monotonic() < self._next:
             return
-        _next_sweep = time.monotonic() + SWEEP_EVERY_SECONDS
-    sweep(ctx)
+        # Scheduled before it runs: a failing sweep is not retried every tick.
+        self._next = time.monotonic() + self._every
+        sweep(ctx)
 
 
 def sweep(ctx: EngineContext) -> int:
