@@ -126,12 +126,25 @@ ERRORS: dict[int, tuple[str, str]] = {
         "source is paused).",
     ),
     413: ("ContentTooLarge", "RESOURCE_EXHAUSTED: the upload is over `MAX_UPLOAD_BYTES`."),
-    429: ("TooManyRequests", "RESOURCE_EXHAUSTED: too many at once; try again later."),
+    429: (
+        "TooManyRequests",
+        "RESOURCE_EXHAUSTED: too many at once, or too many failed sign-ins; try again "
+        "later (after `Retry-After` seconds, when the answer has that header).",
+    ),
     503: (
         "Unavailable",
         "UNAVAILABLE: the server, its database or its job queue cannot be reached now.",
     ),
     507: ("InsufficientStorage", "RESOURCE_EXHAUSTED: the server's disk is full."),
+}
+# Headers some errors carry (e.g. a refused sign-in says when to try again).
+ERROR_HEADERS: dict[int, JsonObject] = {
+    429: {
+        "Retry-After": {
+            "description": "Seconds to wait before trying again.",
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    }
 }
 COMMON_ERRORS = (400, 401, 503)
 
@@ -512,6 +525,7 @@ def build_document(
             "responses": {
                 ERRORS[code][0]: {
                     "description": ERRORS[code][1],
+                    **({"headers": ERROR_HEADERS[code]} if code in ERROR_HEADERS else {}),
                     "content": {
                         "application/json": {"schema": {"$ref": "#/components/schemas/Status"}}
                     },

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 import redis
 
 from ingestion_grpc.archive.blobstore import blob_store_from_settings
+from ingestion_grpc.auth.login_limits import LoginLimits, LoginThrottle
 from ingestion_grpc.config import LIMIT_PREFIX, Environ, Settings
 from ingestion_grpc.crypto import CredentialCipher
 from ingestion_grpc.db.session import Database
@@ -125,6 +126,19 @@ def engine_context(settings: Settings, jobs: JobQueue) -> EngineContext:
         sync_interval=settings.sync_interval,
         stale_after=settings.stale_run_after,
         provider_environment=provider_environment(settings),
+        upload_ttl=settings.upload_ttl,
+    )
+
+
+def login_throttle(settings: Settings) -> LoginThrottle:
+    return LoginThrottle(
+        redis.Redis.from_url(settings.redis_url),
+        settings.queue_namespace,
+        LoginLimits(
+            max_failures_per_account=settings.login_max_failures_per_account,
+            max_failures_per_address=settings.login_max_failures_per_address,
+            window=settings.login_failure_window,
+        ),
     )
 
 

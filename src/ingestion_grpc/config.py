@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
@@ -123,6 +124,23 @@ def parse_limit(text: str, variable: str) -> float:
     return value
 
 
+def parse_count(text: str, variable: str) -> int:
+    """A positive whole number."""
+    if not re.fullmatch(r"\s*\d+\s*", text) or int(text) <= 0:
+        raise ConfigurationError(f"{variable} must be a positive whole number")
+    return int(text)
+
+
+def parse_networks(text: str, variable: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    """Comma-separated IP addresses or CIDR networks (`127.0.0.0/8,::1`); may be empty."""
+    try:
+        return tuple(ip_network(part.strip()) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigurationError(
+            f"{variable} must be IP addresses or networks like 127.0.0.1,10.0.0.0/8"
+        ) from None
+
+
 def decode_encryption_key(text: str) -> bytes:
     """Accept a 32-byte key as 64 hex digits or as (url-safe) base64."""
     text = text.strip()
@@ -185,6 +203,18 @@ class Settings:
     archive_url: str = ""
     # An S3-compatible store's URL (MinIO, Ceph, R2); "" = AWS's own endpoints.
     s3_endpoint_url: str = ""
+    # An upload no source uses is removed this long after it was made.
+    upload_ttl: timedelta = timedelta(hours=24)
+    # Failed sign-ins allowed per account and per client address in a window.
+    login_max_failures_per_account: int = 10
+    login_max_failures_per_address: int = 100
+    login_failure_window: timedelta = timedelta(minutes=15)
+    # Peers whose `x-client-address` (set by Envoy) is believed; from any other
+    # peer a call's client address is the peer's own.
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = (
+        ip_network("127.0.0.0/8"),
+        ip_network("::1/128"),
+    )
 
     @classmethod
     def from_env(cls, environ: Environ = os.environ) -> Settings:
@@ -238,6 +268,21 @@ class Settings:
                 "ARCHIVE_URL",
             ),
             s3_endpoint_url=parse_url(s3_endpoint, "S3_ENDPOINT_URL") if s3_endpoint else "",
+            upload_ttl=parse_duration(environ.get("UPLOAD_TTL", "24h"), "UPLOAD_TTL"),
+            login_max_failures_per_account=parse_count(
+                environ.get("LOGIN_MAX_FAILURES_PER_ACCOUNT", "10"),
+                "LOGIN_MAX_FAILURES_PER_ACCOUNT",
+            ),
+            login_max_failures_per_address=parse_count(
+                environ.get("LOGIN_MAX_FAILURES_PER_ADDRESS", "100"),
+                "LOGIN_MAX_FAILURES_PER_ADDRESS",
+            ),
+            login_failure_window=parse_duration(
+                environ.get("LOGIN_FAILURE_WINDOW", "15m"), "LOGIN_FAILURE_WINDOW"
+            ),
+            trusted_proxies=parse_networks(
+                environ.get("TRUSTED_PROXIES", "127.0.0.0/8,::1"), "TRUSTED_PROXIES"
+            ),
         )
 
 

@@ -61,12 +61,16 @@ class ResourceExhausted(IngestionError):
     """Raised when a request exceeds a limit; `http_status` narrows REST's 429.
 
     413 for a request too large, 507 when the server's storage is full, 429
-    (the default) for too many requests at once.
+    (the default) for too many requests at once. `retry_after` (seconds), when
+    known, becomes REST's `Retry-After` header and a gRPC `RetryInfo` detail.
     """
 
-    def __init__(self, message: str, http_status: int = 429) -> None:
+    def __init__(
+        self, message: str, http_status: int = 429, *, retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
         self.http_status = http_status
+        self.retry_after = retry_after
 
 
 class ProviderError(IngestionError):

@@ -21,6 +21,8 @@ from grpc_reflection.v1alpha import reflection
 from ingestion.v1 import (
     archive_service_pb2,
     archive_service_pb2_grpc,
+    audit_service_pb2,
+    audit_service_pb2_grpc,
     auth_service_pb2,
     auth_service_pb2_grpc,
     ingestion_service_pb2,
@@ -33,6 +35,7 @@ from ingestion.v1 import (
 
 from ingestion_grpc import bootstrap
 from ingestion_grpc.api.archive import ArchiveServicer
+from ingestion_grpc.api.audit import AuditServicer
 from ingestion_grpc.api.auth import ApiKeyServicer, AuthServicer
 from ingestion_grpc.api.ingestion import IngestionServicer
 from ingestion_grpc.api.interceptors import AuthInterceptor, ErrorInterceptor
@@ -61,6 +64,7 @@ SERVICE_NAMES = (
     settings_service_pb2.DESCRIPTOR.services_by_name["SettingsService"].full_name,
     archive_service_pb2.DESCRIPTOR.services_by_name["ArchiveService"].full_name,
     upload_service_pb2.DESCRIPTOR.services_by_name["UploadService"].full_name,
+    audit_service_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
 )
 # Largest request message: an upload piece from a native gRPC client may be up
 # to 4 MiB of data (gRPC's usual limit) plus its framing. Envoy sends smaller ones.
@@ -182,7 +186,14 @@ def start_server(
         IngestionServicer(database, sources), server
     )
     auth_service_pb2_grpc.add_AuthServiceServicer_to_server(
-        AuthServicer(database, settings.jwt_secret, settings.jwt_expires_in), server
+        AuthServicer(
+            database,
+            settings.jwt_secret,
+            settings.jwt_expires_in,
+            bootstrap.login_throttle(settings),
+            settings.trusted_proxies,
+        ),
+        server,
     )
     auth_service_pb2_grpc.add_ApiKeyServiceServicer_to_server(ApiKeyServicer(database), server)
     settings_service_pb2_grpc.add_SettingsServiceServicer_to_server(
@@ -191,7 +202,10 @@ def start_server(
     archive_service_pb2_grpc.add_ArchiveServiceServicer_to_server(
         ArchiveServicer(database, blobs), server
     )
-    upload_service_pb2_grpc.add_UploadServiceServicer_to_server(UploadServicer(uploads), server)
+    upload_service_pb2_grpc.add_UploadServiceServicer_to_server(
+        UploadServicer(database, uploads), server
+    )
+    audit_service_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(database), server)
     health_servicer = health.HealthServicer()
     for name in ("", *SERVICE_NAMES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

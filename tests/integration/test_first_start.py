@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ingestion_grpc.auth.services import ensure_first_admin, login
+from ingestion_grpc.bootstrap import login_throttle
 from ingestion_grpc.config import Settings
 from ingestion_grpc.server import RunningServer
 
@@ -35,7 +36,13 @@ def test_generated_password_works(database_url: str, settings: Settings) -> None
         assert generated is not None and len(generated) >= 20
         with database.unit_of_work() as uow:
             token, user = login(
-                uow, "first@example.com", generated, settings.jwt_secret, settings.jwt_expires_in
+                uow,
+                "first@example.com",
+                generated,
+                settings.jwt_secret,
+                settings.jwt_expires_in,
+                throttle=login_throttle(settings),
+                client_address="127.0.0.1",
             )
         assert user.role == "admin" and token
     finally:

@@ -232,6 +232,7 @@ def test_the_document_declares_every_rpc_with_its_rest_status() -> None:
         "GetIngestionSource": ["200"],
         "GetSystemSettings": ["200"],
         "ListApiKeys": ["200"],
+        "ListAuditEvents": ["200"],
         "ListArchivedEmails": ["200"],
         "ListIngestionSources": ["200"],
         "ListSyncSessionMailboxes": ["200"],

@@ -63,6 +63,41 @@ def test_metrics_and_log_format_settings() -> None:
             Settings.from_env({**REQUIRED, name: bad})
 
 
+def test_upload_and_sign_in_limit_settings() -> None:
+    defaults = Settings.from_env(REQUIRED)
+    assert defaults.upload_ttl == timedelta(hours=24)
+    assert (
+        defaults.login_max_failures_per_account,
+        defaults.login_max_failures_per_address,
+        defaults.login_failure_window,
+    ) == (10, 100, timedelta(minutes=15))
+    assert [str(n) for n in defaults.trusted_proxies] == ["127.0.0.0/8", "::1/128"]
+    chosen = Settings.from_env(
+        {
+            **REQUIRED,
+            "UPLOAD_TTL": "2h",
+            "LOGIN_MAX_FAILURES_PER_ACCOUNT": "5",
+            "LOGIN_MAX_FAILURES_PER_ADDRESS": "50",
+            "LOGIN_FAILURE_WINDOW": "1h",
+            "TRUSTED_PROXIES": "10.0.0.5, 10.1.0.0/16",
+        }
+    )
+    assert chosen.upload_ttl == timedelta(hours=2)
+    assert (chosen.login_max_failures_per_account, chosen.login_max_failures_per_address) == (5, 50)
+    assert chosen.login_failure_window == timedelta(hours=1)
+    assert [str(n) for n in chosen.trusted_proxies] == ["10.0.0.5/32", "10.1.0.0/16"]
+    assert Settings.from_env({**REQUIRED, "TRUSTED_PROXIES": ""}).trusted_proxies == ()
+    for name, bad in (
+        ("UPLOAD_TTL", "0"),
+        ("LOGIN_MAX_FAILURES_PER_ACCOUNT", "0"),
+        ("LOGIN_MAX_FAILURES_PER_ADDRESS", "many"),
+        ("LOGIN_FAILURE_WINDOW", "-1m"),
+        ("TRUSTED_PROXIES", "envoy.internal"),
+    ):
+        with pytest.raises(ConfigurationError, match=name):
+            Settings.from_env({**REQUIRED, name: bad})
+
+
 @pytest.mark.parametrize(
     ("url", "target", "secure"),
     [

@@ -48,7 +48,8 @@ class ArchiveServicer(archive_service_pb2_grpc.ArchiveServiceServicer):
         self, request: pb.GetArchivedEmailRawRequest, context: grpc.ServicerContext
     ) -> Iterator[httpbody_pb2.HttpBody]:
         with self._database.unit_of_work() as uow:
-            email = archive.get_archived(uow, current_principal(), request.id)
+            email = archive.get_for_download(uow, current_principal(), request.id)
+            uow.commit()
         # An empty message still needs one chunk to carry the content type.
         chunks = archive.read_raw(self._blobs, email)
         first = next(chunks, b"")

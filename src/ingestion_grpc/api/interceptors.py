@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from ingestion.v1 import (
     archive_service_pb2,
+    audit_service_pb2,
     auth_service_pb2,
     ingestion_service_pb2,
     settings_service_pb2,
@@ -21,7 +22,7 @@ from ingestion.v1 import (
 )
 
 from ingestion_grpc import errors
-from ingestion_grpc.api.status import http_code, to_status
+from ingestion_grpc.api.status import response_metadata, to_status
 from ingestion_grpc.auth import services as auth
 from ingestion_grpc.auth.permissions import Permission, Principal
 from ingestion_grpc.db.session import Database
@@ -56,6 +57,7 @@ _API_KEYS = (auth_service_pb2, "ApiKeyService")
 _ARCHIVE = (archive_service_pb2, "ArchiveService")
 _SETTINGS = (settings_service_pb2, "SettingsService")
 _UPLOAD = (upload_service_pb2, "UploadService")
+_AUDIT = (audit_service_pb2, "AuditService")
 
 # None: any authenticated caller (API keys act only on the caller's own keys).
 METHOD_PERMISSIONS: dict[str, Permission | None] = {
@@ -78,6 +80,7 @@ METHOD_PERMISSIONS: dict[str, Permission | None] = {
     _method(*_SETTINGS, "GetSystemSettings"): Permission.MANAGE_SETTINGS,
     _method(*_SETTINGS, "UpdateSystemSettings"): Permission.MANAGE_SETTINGS,
     _method(*_UPLOAD, "UploadFile"): Permission.CREATE_INGESTION,
+    _method(*_AUDIT, "ListAuditEvents"): Permission.READ_AUDIT,
 }
 OPEN_METHODS = frozenset({_method(auth_service_pb2, "AuthService", "Login")})
 OPEN_SERVICE_PREFIXES = (
@@ -106,9 +109,9 @@ def wrap_handler(
 
 
 def _abort(context: grpc.ServicerContext, error: errors.IngestionError) -> None:
-    code = http_code(error)
-    if code is not None:
-        context.send_initial_metadata((("x-http-code", code),))
+    metadata = response_metadata(error)
+    if metadata:
+        context.send_initial_metadata(metadata)
     context.abort_with_status(to_status(error))
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -11,7 +11,7 @@ from ingestion_grpc import errors
 
 # Over REST, Envoy maps these on: INVALID_ARGUMENT and FAILED_PRECONDITION
 # 400, UNAUTHENTICATED 401, PERMISSION_DENIED 403, NOT_FOUND 404, ABORTED 409,
-# RESOURCE_EXHAUSTED 429 (413 or 507 with `x-http-code`, see `http_code`),
+# RESOURCE_EXHAUSTED 429 (413 or 507 with `x-http-code`, see `response_metadata`),
 # UNAVAILABLE 503.
 _CODES: list[tuple[type[errors.IngestionError], int]] = [
     (errors.InvalidArgument, code_pb2.INVALID_ARGUMENT),
@@ -32,11 +32,18 @@ _NARROWED_HTTP = frozenset({413, 507})
 MAX_TEXT_CHARS = 1000
 
 
-def http_code(error: errors.IngestionError) -> str | None:
-    """The `x-http-code` an error's REST answer needs, if any: 413 or 507."""
-    if isinstance(error, errors.ResourceExhausted) and error.http_status in _NARROWED_HTTP:
-        return str(error.http_status)
-    return None
+def response_metadata(error: errors.IngestionError) -> tuple[tuple[str, str], ...]:
+    """The initial metadata an error's answer carries: `x-http-code` (413 or 507),
+    which the Lua filter applies, and `retry-after`, which Envoy passes on as the
+    REST answer's `Retry-After` header."""
+    if not isinstance(error, errors.ResourceExhausted):
+        return ()
+    metadata: list[tuple[str, str]] = []
+    if error.http_status in _NARROWED_HTTP:
+        metadata.append(("x-http-code", str(error.http_status)))
+    if error.retry_after is not None:
+        metadata.append(("retry-after", str(error.retry_after)))
+    return tuple(metadata)
 
 
 def to_status(error: errors.IngestionError) -> grpc.Status:
@@ -46,6 +53,14 @@ def to_status(error: errors.IngestionError) -> grpc.Status:
     if violation is not None:
         detail = any_pb2.Any()
         detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+        status.details.append(detail)
+    if isinstance(error, errors.ResourceExhausted) and error.retry_after is not None:
+        detail = any_pb2.Any()
+        detail.Pack(
+            error_details_pb2.RetryInfo(
+                retry_delay=duration_pb2.Duration(seconds=error.retry_after)
+            )
+        )
         status.details.append(detail)
     result: grpc.Status = rpc_status.to_status(status)
     return result

@@ -18,7 +18,15 @@ from ingestion.v1 import upload_service_pb2 as pb
 from ingestion.v1 import upload_service_pb2_grpc
 
 from ingestion_grpc.api.http import HttpStatus, set_http_status
-from ingestion_grpc.domain.uploads import UploadAbandoned, UploadStore, UploadTooLarge
+from ingestion_grpc.api.interceptors import current_principal
+from ingestion_grpc.db.session import Database
+from ingestion_grpc.domain import uploads
+from ingestion_grpc.domain.uploads import (
+    StoredUpload,
+    UploadAbandoned,
+    UploadStore,
+    UploadTooLarge,
+)
 from ingestion_grpc.errors import ResourceExhausted
 
 CONTENT_TOO_LARGE = 413
@@ -30,7 +38,13 @@ MAX_CONCURRENT_UPLOADS = 8
 
 
 class UploadServicer(upload_service_pb2_grpc.UploadServiceServicer):
-    def __init__(self, store: UploadStore, max_concurrent: int = MAX_CONCURRENT_UPLOADS) -> None:
+    def __init__(
+        self,
+        database: Database,
+        store: UploadStore,
+        max_concurrent: int = MAX_CONCURRENT_UPLOADS,
+    ) -> None:
+        self._database = database
         self._store = store
         self._slots = threading.BoundedSemaphore(max_concurrent)
 
@@ -41,15 +55,26 @@ class UploadServicer(upload_service_pb2_grpc.UploadServiceServicer):
             # 429 Too Many Requests over REST.
             raise ResourceExhausted("Too many uploads are in progress; try again later.")
         try:
-            file_path = self._receive(request_iterator, context)
+            stored = self._receive(request_iterator, context)
         finally:
             self._slots.release()
+        self._record(stored)
         set_http_status(context, HttpStatus.CREATED)
-        return pb.UploadFileResponse(file_path=file_path)
+        return pb.UploadFileResponse(file_path=stored.file_path)
+
+    def _record(self, stored: StoredUpload) -> None:
+        """The file becomes the caller's upload; without its row it is not kept."""
+        try:
+            with self._database.unit_of_work() as uow:
+                uploads.record_upload(uow, current_principal(), stored)
+                uow.commit()
+        except BaseException:
+            (self._store.root / stored.file_path).unlink(missing_ok=True)
+            raise
 
     def _receive(
         self, request_iterator: Iterator[httpbody_pb2.HttpBody], context: grpc.ServicerContext
-    ) -> str:
+    ) -> StoredUpload:
         try:
             # A disconnected client ends the stream with grpc.RpcError; the
             # stream can also end early just before the cancellation is seen,
@@ -68,4 +93,4 @@ class UploadServicer(upload_service_pb2_grpc.UploadServiceServicer):
                 "The server has no room left to store this upload; nothing was kept.",
                 INSUFFICIENT_STORAGE,
             ) from None
-        return stored.file_path
+        return stored

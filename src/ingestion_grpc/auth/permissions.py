@@ -14,6 +14,7 @@ class Permission(StrEnum):
     SYNC_INGESTION = "sync:ingestion"
     READ_ARCHIVE = "read:archive"
     MANAGE_SETTINGS = "manage:settings"
+    READ_AUDIT = "read:audit"
 
 
 class Role(StrEnum):
@@ -24,7 +25,7 @@ class Role(StrEnum):
 
 ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     Role.ADMIN: frozenset(Permission),
-    Role.USER: frozenset(Permission) - {Permission.MANAGE_SETTINGS},
+    Role.USER: frozenset(Permission) - {Permission.MANAGE_SETTINGS, Permission.READ_AUDIT},
     Role.VIEWER: frozenset({Permission.READ_INGESTION, Permission.READ_ARCHIVE}),
 }
 
@@ -36,10 +37,16 @@ class Principal:
     user_id: str
     email: str
     role: Role
+    # The API key the request came with; None for a signed-in user's token.
+    api_key_id: str | None = None
 
     @property
     def permissions(self) -> frozenset[Permission]:
         return ROLE_PERMISSIONS[self.role]
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role is Role.ADMIN
 
     @property
     def sees_all_sources(self) -> bool:

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from ingestion_grpc.auth.login_limits import LoginThrottle
 from ingestion_grpc.auth.passwords import hash_password, verify_password
 from ingestion_grpc.auth.permissions import Principal, Role
 from ingestion_grpc.auth.tokens import (
@@ -20,6 +21,7 @@ from ingestion_grpc.auth.tokens import (
 )
 from ingestion_grpc.db.models import ApiKey, User
 from ingestion_grpc.db.session import UnitOfWork
+from ingestion_grpc.domain import audit
 from ingestion_grpc.errors import Conflict, InvalidArgument, NotFound, Unauthenticated
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,15 @@ def normalise_email(email: str, field: str = "email") -> str:
     if not local or "." not in domain or " " in email:
         raise InvalidArgument(field, "must be an email address")
     return email
+
+
+def _email_or_nothing(text: str) -> str:
+    """`text` if it is an email address, else "": what someone typed into the
+    email field may be a password."""
+    try:
+        return normalise_email(text)
+    except InvalidArgument:
+        return ""
 
 
 def create_user(uow: UnitOfWork, email: str, password: str, role: Role) -> User:
@@ -71,11 +82,31 @@ def ensure_first_admin(uow: UnitOfWork, email: str, password: str | None) -> str
 
 
 def login(
-    uow: UnitOfWork, email: str, password: str, jwt_secret: str, lifetime: timedelta
+    uow: UnitOfWork,
+    email: str,
+    password: str,
+    jwt_secret: str,
+    lifetime: timedelta,
+    *,
+    throttle: LoginThrottle,
+    client_address: str,
 ) -> tuple[str, User]:
+    """A token for the user, or Unauthenticated (TooManyLogins past the limits).
+
+    A refused attempt is recorded in the audit trail (the email tried, never
+    the password); the caller commits it before answering.
+    """
+    throttle.attempt(email, client_address)
     user = uow.session.scalar(select(User).where(User.email == email.strip().lower()))
     if not verify_password(user.password_hash if user else None, password) or user is None:
+        audit.record_failed_login(
+            uow,
+            _email_or_nothing(email),
+            user.id if user else None,
+            {"reason": "invalid_credentials", "clientAddress": client_address},
+        )
         raise Unauthenticated(_BAD_LOGIN)
+    throttle.succeeded(email, client_address)
     return issue_access_token(user.id, jwt_secret, lifetime), user
 
 
@@ -83,6 +114,7 @@ def authenticate(
     uow: UnitOfWork, authorization: str | None, api_key: str | None, jwt_secret: str
 ) -> Principal:
     """The caller behind a request's `authorization` or `x-api-key` header."""
+    api_key_id = None
     if api_key:
         record = uow.session.scalar(select(ApiKey).where(ApiKey.key_hash == api_key_hash(api_key)))
         if record is None or record.revoked_at is not None:
@@ -90,6 +122,7 @@ def authenticate(
         if record.expires_at <= datetime.now(UTC):
             raise Unauthenticated("The API key has expired.")
         user_id = record.user_id
+        api_key_id = record.id
     elif authorization:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -102,7 +135,7 @@ def authenticate(
     user = uow.session.get(User, user_id)
     if user is None:
         raise Unauthenticated("The user behind these credentials no longer exists.")
-    return Principal(user_id=user.id, email=user.email, role=Role(user.role))
+    return Principal(user_id=user.id, email=user.email, role=Role(user.role), api_key_id=api_key_id)
 
 
 def create_api_key(
@@ -123,6 +156,14 @@ def create_api_key(
     )
     uow.session.add(record)
     uow.session.flush()
+    audit.record(
+        uow,
+        principal,
+        audit.Action.API_KEY_CREATE,
+        audit.Target.API_KEY,
+        record.id,
+        details={"name": name, "expiresAt": record.expires_at.isoformat()},
+    )
     log.info("api key %s created for user %s", record.id, principal.user_id)
     return CreatedApiKey(record=record, secret=secret)
 
@@ -146,4 +187,12 @@ def revoke_api_key(uow: UnitOfWork, principal: Principal, key_id: str) -> None:
     if record is None or record.user_id != principal.user_id or record.revoked_at is not None:
         raise NotFound(f"API key {key_id} not found.")
     record.revoked_at = datetime.now(UTC)
+    audit.record(
+        uow,
+        principal,
+        audit.Action.API_KEY_REVOKE,
+        audit.Target.API_KEY,
+        key_id,
+        details={"name": record.name},
+    )
     log.info("api key %s revoked by user %s", key_id, principal.user_id)

@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    func,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -193,9 +194,7 @@ class ArchivedEmail(Base):
         Index("ix_archived_emails_source_order", "source_id", "archived_at", "id"),
         Index("ix_archived_emails_sha256", "sha256"),
         # Providers ask which of their message ids a mailbox holds already.
-        Index(
-            "ix_archived_emails_provider_id", "source_id", "mailbox", "provider_message_id"
-        ),
+        Index("ix_archived_emails_provider_id", "source_id", "mailbox", "provider_message_id"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -213,3 +212,54 @@ class ArchivedEmail(Base):
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     has_attachments: Mapped[bool] = mapped_column(Boolean)
     archived_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Upload(Base):
+    """A file received by UploadFile, `<id>.upload` in UPLOAD_ROOT, and who sent it.
+
+    Claimed by the one source created (or updated) with it as `uploadedFilePath`;
+    never claimed again. One that no source uses is removed after UPLOAD_TTL.
+    """
+
+    __tablename__ = "uploads"
+    __table_args__ = (Index("ix_uploads_unused_created", "created_at", "source_id"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # When a source claimed it; set once, so a claimed upload is never reused.
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The source using it; NULL again once that source is deleted.
+    source_id: Mapped[str | None] = mapped_column(
+        ForeignKey("ingestion_sources.id", ondelete="SET NULL"), unique=True
+    )
+
+
+class AuditEvent(Base):
+    """Who did what, written in the transaction of what it records. Never a secret."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        # Newest first, whole or by one of the list's filters.
+        Index("ix_audit_events_order", "occurred_at", "id"),
+        Index("ix_audit_events_source", "source_id", "occurred_at", "id"),
+        Index("ix_audit_events_action", "action", "occurred_at", "id"),
+        Index("ix_audit_events_actor", "actor_user_id", "occurred_at", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    # The database's clock, not the writer's.
+    occurred_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.clock_timestamp()
+    )
+    # No foreign keys: the trail outlives the users, keys and sources it names.
+    actor_user_id: Mapped[str | None] = mapped_column(String(36))
+    actor_email: Mapped[str] = mapped_column(String(320), default="")
+    actor_api_key_id: Mapped[str | None] = mapped_column(String(36))
+    action: Mapped[str] = mapped_column(String(64))
+    target_type: Mapped[str] = mapped_column(String(32))
+    target_id: Mapped[str] = mapped_column(String(64), default="")
+    source_id: Mapped[str | None] = mapped_column(String(36))
+    request_id: Mapped[str] = mapped_column(String(128), default="")
+    details: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)

@@ -10,6 +10,7 @@ from ingestion_grpc.archive.blobstore import BlobStore
 from ingestion_grpc.auth.permissions import Principal
 from ingestion_grpc.db.models import ArchivedEmail, IngestionSource
 from ingestion_grpc.db.session import UnitOfWork
+from ingestion_grpc.domain import audit
 from ingestion_grpc.domain.paging import decode_token, encode_token, page_size
 from ingestion_grpc.errors import NotFound
 
@@ -47,6 +48,22 @@ def get_archived(uow: UnitOfWork, principal: Principal, email_id: str) -> Archiv
     email = uow.session.get(ArchivedEmail, email_id)
     if email is None or not _visible(principal, uow.session.get(IngestionSource, email.source_id)):
         raise NotFound(f"Archived email {email_id} not found.")
+    return email
+
+
+def get_for_download(uow: UnitOfWork, principal: Principal, email_id: str) -> ArchivedEmail:
+    """The message whose raw bytes the caller is about to read; the download is
+    recorded in the audit trail (the caller commits before sending a byte)."""
+    email = get_archived(uow, principal, email_id)
+    audit.record(
+        uow,
+        principal,
+        audit.Action.ARCHIVED_EMAIL_DOWNLOAD,
+        audit.Target.ARCHIVED_EMAIL,
+        email.id,
+        source_id=email.source_id,
+        details={"sha256": email.sha256, "sizeBytes": email.size_bytes},
+    )
     return email
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from sqlalchemy.dialects.postgresql import insert
 
+from ingestion_grpc.auth.permissions import Principal
 from ingestion_grpc.db.models import SystemSettings
 from ingestion_grpc.db.session import UnitOfWork
+from ingestion_grpc.domain import audit
 
 _ROW_ID = 1
 
@@ -26,8 +28,17 @@ def get_settings(uow: UnitOfWork) -> SystemSettings:
     return settings
 
 
-def update_settings(uow: UnitOfWork, enable_deletion: bool | None) -> SystemSettings:
+def update_settings(
+    uow: UnitOfWork, principal: Principal, enable_deletion: bool | None
+) -> SystemSettings:
     settings = get_settings(uow)
-    if enable_deletion is not None:
+    if enable_deletion is not None and enable_deletion != settings.enable_deletion:
+        audit.record(
+            uow,
+            principal,
+            audit.Action.SETTINGS_UPDATE,
+            audit.Target.SETTINGS,
+            details={"enableDeletion": {"from": settings.enable_deletion, "to": enable_deletion}},
+        )
         settings.enable_deletion = enable_deletion
     return settings

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, tuple_
@@ -19,7 +20,7 @@ from ingestion_grpc.auth.permissions import Principal
 from ingestion_grpc.crypto import CredentialCipher
 from ingestion_grpc.db.models import IngestionSource, RunMailbox, SyncSession, new_id
 from ingestion_grpc.db.session import Database, UnitOfWork
-from ingestion_grpc.domain import lifecycle, settings
+from ingestion_grpc.domain import audit, lifecycle, settings, uploads
 from ingestion_grpc.domain.lifecycle import JobQueue, RunKind, SourceStatus
 from ingestion_grpc.domain.paging import (
     decode_name_token,
@@ -76,6 +77,7 @@ class SourceService:
         if provider_config is None:
             raise InvalidArgument("providerConfig", "is required")
         config = cls.validate_config(provider_config)
+        upload = uploads.upload_named(uow, principal, config, self._upload_root, None)
         # Checked before anything is stored: a source that cannot connect is
         # never created. (Its requests are counted under the provider's name.)
         with context.bound(provider=provider):
@@ -91,8 +93,18 @@ class SourceService:
         )
         uow.session.add(source)
         uow.session.flush()
+        uploads.attach(uow, upload, source_id)
         log.info("source %s (%s) created by user %s", source_id, provider, principal.user_id)
-        lifecycle.claim_run(uow, source, RunKind.IMPORT, self._jobs)
+        run = lifecycle.claim_run(uow, source, RunKind.IMPORT, self._jobs)
+        self._record(
+            uow,
+            principal,
+            audit.Action.SOURCE_CREATE,
+            source,
+            name=name,
+            provider=provider,
+            syncSessionId=run.id,
+        )
         return source
 
     def list_visible(self, uow: UnitOfWork, principal: Principal) -> list[IngestionSource]:
@@ -121,6 +133,8 @@ class SourceService:
             source.name = _valid_name(changes.name)
         if changes.provider is not None or changes.provider_config is not None:
             provider, config = self._changed_config(source, changes)
+            upload = uploads.upload_named(uow, principal, config, self._upload_root, source.id)
+            uploads.attach(uow, upload, source.id)
             with context.bound(provider=provider):
                 provider_class(provider)(config, self._provider_environment).check_connection()
             source.provider = provider
@@ -128,6 +142,9 @@ class SourceService:
         if changes.status is not None:
             lifecycle.set_status(uow, source, changes.status, self._jobs)
         uow.session.flush()
+        self._record(
+            uow, principal, audit.Action.SOURCE_UPDATE, source, **_audited(changes, source)
+        )
         return source
 
     def delete(self, uow: UnitOfWork, principal: Principal, source_id: str) -> None:
@@ -135,6 +152,14 @@ class SourceService:
         if not settings.get_settings(uow).enable_deletion:
             raise FailedPrecondition(DELETION_DISABLED)
         digests = catalog.digests_of_source(uow, source_id)
+        self._record(
+            uow,
+            principal,
+            audit.Action.SOURCE_DELETE,
+            source,
+            name=source.name,
+            provider=source.provider,
+        )
         # Rows of runs, cursors and archived emails go with it (ON DELETE CASCADE).
         uow.session.delete(source)
         uow.session.flush()
@@ -201,6 +226,7 @@ class SourceService:
         source = self.get(uow, principal, source_id)
         lifecycle.pause(source)
         uow.session.flush()
+        self._record(uow, principal, audit.Action.SOURCE_PAUSE, source)
         return source
 
     def start_run(
@@ -212,7 +238,32 @@ class SourceService:
             raise FailedPrecondition(
                 "File sources have no continuous sync: trigger an import to read the file again."
             )
-        return lifecycle.claim_run(uow, source, kind, self._jobs)
+        run = lifecycle.claim_run(uow, source, kind, self._jobs)
+        action = audit.Action.SOURCE_SYNC if kind is RunKind.SYNC else audit.Action.SOURCE_IMPORT
+        self._record(uow, principal, action, source, syncSessionId=run.id)
+        return run
+
+    @property
+    def _upload_root(self) -> Path:
+        return self._provider_environment.upload_root
+
+    @staticmethod
+    def _record(
+        uow: UnitOfWork,
+        principal: Principal,
+        action: audit.Action,
+        source: IngestionSource,
+        **details: Any,
+    ) -> None:
+        audit.record(
+            uow,
+            principal,
+            action,
+            audit.Target.SOURCE,
+            source.id,
+            source_id=source.id,
+            details=details,
+        )
 
     def provider_config(self, source: IngestionSource) -> JsonDict:
         """The decrypted configuration, for the engine. Never for a response."""
@@ -246,6 +297,23 @@ def _merge_config(stored: JsonDict, changes: Mapping[str, Any], cls: type[Provid
         else:
             merged[key] = value
     return merged
+
+
+def _audited(changes: SourceChanges, source: IngestionSource) -> dict[str, Any]:
+    """What an update changed, for the audit trail: the new name, provider and
+    status, and which `providerConfig` fields were given, never their values."""
+    details: dict[str, Any] = {
+        key: value
+        for key, given, value in (
+            ("name", changes.name, source.name),
+            ("provider", changes.provider, source.provider),
+            ("status", changes.status, source.status),
+        )
+        if given is not None
+    }
+    if changes.provider_config is not None:
+        details["providerConfigFields"] = sorted(changes.provider_config)
+    return details
 
 
 def _valid_name(name: str) -> str:

@@ -24,6 +24,8 @@ class EngineContext:
     sync_interval: timedelta
     stale_after: timedelta
     provider_environment: ProviderEnvironment
+    # An upload no source uses is removed this long after it was made.
+    upload_ttl: timedelta = timedelta(hours=24)
 
     def provider_for(self, source: IngestionSource) -> Provider:
         config = self.cipher.open(source.sealed_config, bound_to=source.id)

@@ -1,5 +1,6 @@
 """The scheduler: periodic syncs, the watchdog that revives lost work, and now
-and then the sweep of orphaned blobs (archive/sweep.py).
+and then the sweeps of orphaned blobs (archive/sweep.py) and of unused uploads
+(engine/upload_sweep.py).
 
 `python -m ingestion_grpc.engine.scheduler` ticks every SCHEDULER_TICK. Any
 number may run at once: every decision is a conditional UPDATE in PostgreSQL
@@ -14,6 +15,7 @@ import threading
 
 from ingestion_grpc.archive.sweep import PeriodicSweep
 from ingestion_grpc.domain import lifecycle
+from ingestion_grpc.engine import upload_sweep
 from ingestion_grpc.engine.context import EngineContext
 from ingestion_grpc.engine.runs import finish_if_complete
 from ingestion_grpc.providers.registry import PROVIDERS
@@ -67,10 +69,12 @@ def run_forever(ctx: EngineContext, every_seconds: float, stopping: threading.Ev
     """Tick until `stopping` is set; a failed tick is logged and tried again."""
     log.info("scheduler ticking every %g s", every_seconds)
     orphans = PeriodicSweep()
+    uploads = upload_sweep.PeriodicUploadSweep()
     while not stopping.is_set():
         try:
             tick(ctx)
             orphans.run_if_due(ctx.database, ctx.blobs)
+            uploads.run_if_due(ctx)
         except Exception:
             log.exception("scheduler tick failed; trying again next tick")
         stopping.wait(every_seconds)

@@ -21,6 +21,14 @@ type AuthServiceClient interface {
 	// Exchanges an email and password for an access token (an HS256 JWT).
 	// Wrong credentials give UNAUTHENTICATED with the same message whether or
 	// not the email exists.
+	//
+	// Failed attempts are counted per account and per client address over a
+	// window (`LOGIN_FAILURE_WINDOW`); past `LOGIN_MAX_FAILURES_PER_ACCOUNT` or
+	// `LOGIN_MAX_FAILURES_PER_ADDRESS` every attempt, right or wrong, fails with
+	// RESOURCE_EXHAUSTED (REST 429 with a `Retry-After` header in seconds; a
+	// `google.rpc.RetryInfo` detail for gRPC clients) until the window ends,
+	// the same way whether or not the account exists. A successful sign-in
+	// clears its account's count.
 	Login(ctx context.Context, in *LoginRequest, opts ...grpc.CallOption) (*LoginResponse, error)
 }
 
@@ -48,6 +56,14 @@ type AuthServiceServer interface {
 	// Exchanges an email and password for an access token (an HS256 JWT).
 	// Wrong credentials give UNAUTHENTICATED with the same message whether or
 	// not the email exists.
+	//
+	// Failed attempts are counted per account and per client address over a
+	// window (`LOGIN_FAILURE_WINDOW`); past `LOGIN_MAX_FAILURES_PER_ACCOUNT` or
+	// `LOGIN_MAX_FAILURES_PER_ADDRESS` every attempt, right or wrong, fails with
+	// RESOURCE_EXHAUSTED (REST 429 with a `Retry-After` header in seconds; a
+	// `google.rpc.RetryInfo` detail for gRPC clients) until the window ends,
+	// the same way whether or not the account exists. A successful sign-in
+	// clears its account's count.
 	Login(context.Context, *LoginRequest) (*LoginResponse, error)
 	mustEmbedUnimplementedAuthServiceServer()
 }

@@ -21,6 +21,12 @@ type IngestionServiceClient interface {
 	// Creates a source after validating its provider configuration and checking
 	// the connection, then queues its initial import. A failed check creates
 	// nothing. Requires `create:ingestion`.
+	//
+	// A file source's `uploadedFilePath` must name an upload of the caller's
+	// (any caller's, for an admin) that no source has used yet: another user's
+	// upload, like one that does not exist, is NOT_FOUND (REST 404); one a
+	// source already used is ABORTED (REST 409), even if that source was
+	// deleted. Update follows the same rules.
 	CreateIngestionSource(ctx context.Context, in *CreateIngestionSourceRequest, opts ...grpc.CallOption) (*IngestionSource, error)
 	// Streams every source the caller may read, newest first. Over REST the
 	// stream is rendered as one JSON array. Requires `read:ingestion`.
@@ -181,6 +187,12 @@ type IngestionServiceServer interface {
 	// Creates a source after validating its provider configuration and checking
 	// the connection, then queues its initial import. A failed check creates
 	// nothing. Requires `create:ingestion`.
+	//
+	// A file source's `uploadedFilePath` must name an upload of the caller's
+	// (any caller's, for an admin) that no source has used yet: another user's
+	// upload, like one that does not exist, is NOT_FOUND (REST 404); one a
+	// source already used is ABORTED (REST 409), even if that source was
+	// deleted. Update follows the same rules.
 	CreateIngestionSource(context.Context, *CreateIngestionSourceRequest) (*IngestionSource, error)
 	// Streams every source the caller may read, newest first. Over REST the
 	// stream is rendered as one JSON array. Requires `read:ingestion`.

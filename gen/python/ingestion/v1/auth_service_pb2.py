@@ -29,7 +29,7 @@ from ingestion.v1 import resources_pb2 as ingestion_dot_v1_dot_resources__pb2
 from ingestion.v1 import rest_options_pb2 as ingestion_dot_v1_dot_rest__options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fingestion/v1/auth_service.proto\x12\x0cingestion.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1cingestion/v1/resources.proto\x1a\x1fingestion/v1/rest_options.proto\"<\n\x0cLoginRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\x08password\x18\x02 \x01(\tB\x05\xe2\x41\x02\x02\x04\"S\n\rLoginResponse\x12\x1a\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12&\n\x04user\x18\x02 \x01(\x0b\x32\x12.ingestion.v1.UserB\x04\xe2\x41\x01\x03\"H\n\x13\x43reateApiKeyRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1d\n\x0f\x65xpires_in_days\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x02\"\x14\n\x12ListApiKeysRequest\"=\n\x13ListApiKeysResponse\x12&\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x14.ingestion.v1.ApiKey\"\'\n\x13\x44\x65leteApiKeyRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x32j\n\x0b\x41uthService\x12[\n\x05Login\x12\x1a.ingestion.v1.LoginRequest\x1a\x1b.ingestion.v1.LoginResponse\"\x19\x82\xd3\xe4\x93\x02\x13\"\x0e/v1/auth/login:\x01*2\xcf\x02\n\rApiKeyService\x12g\n\x0c\x43reateApiKey\x12!.ingestion.v1.CreateApiKeyRequest\x1a\x14.ingestion.v1.ApiKey\"\x1e\xe2\xf9\x18\x03\x08\xc9\x01\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/api-keys:\x01*\x12h\n\x0bListApiKeys\x12 .ingestion.v1.ListApiKeysRequest\x1a!.ingestion.v1.ListApiKeysResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/api-keys\x12k\n\x0c\x44\x65leteApiKey\x12!.ingestion.v1.DeleteApiKeyRequest\x1a\x16.google.protobuf.Empty\" \xe2\xf9\x18\x03\x08\xcc\x01\x82\xd3\xe4\x93\x02\x13*\x11/v1/api-keys/{id}B\x98\x01\n\x18\x63om.example.ingestion.v1B\x10\x41uthServiceProtoP\x01Z:example.com/ingestion-grpc/gen/go/ingestion/v1;ingestionv1\xaa\x02\x0cIngestion.V1\xca\x02\x0cIngestion\\V1\xea\x02\rIngestion::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fingestion/v1/auth_service.proto\x12\x0cingestion.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1cingestion/v1/resources.proto\x1a\x1fingestion/v1/rest_options.proto\"<\n\x0cLoginRequest\x12\x13\n\x05\x65mail\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\x08password\x18\x02 \x01(\tB\x05\xe2\x41\x02\x02\x04\"S\n\rLoginResponse\x12\x1a\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12&\n\x04user\x18\x02 \x01(\x0b\x32\x12.ingestion.v1.UserB\x04\xe2\x41\x01\x03\"H\n\x13\x43reateApiKeyRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1d\n\x0f\x65xpires_in_days\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x02\"\x14\n\x12ListApiKeysRequest\"=\n\x13ListApiKeysResponse\x12&\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x14.ingestion.v1.ApiKey\"\'\n\x13\x44\x65leteApiKeyRequest\x12\x10\n\x02id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x32r\n\x0b\x41uthService\x12\x63\n\x05Login\x12\x1a.ingestion.v1.LoginRequest\x1a\x1b.ingestion.v1.LoginResponse\"!\xe2\xf9\x18\x04\x12\x02\xad\x03\x82\xd3\xe4\x93\x02\x13\"\x0e/v1/auth/login:\x01*2\xcf\x02\n\rApiKeyService\x12g\n\x0c\x43reateApiKey\x12!.ingestion.v1.CreateApiKeyRequest\x1a\x14.ingestion.v1.ApiKey\"\x1e\xe2\xf9\x18\x03\x08\xc9\x01\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/api-keys:\x01*\x12h\n\x0bListApiKeys\x12 .ingestion.v1.ListApiKeysRequest\x1a!.ingestion.v1.ListApiKeysResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/api-keys\x12k\n\x0c\x44\x65leteApiKey\x12!.ingestion.v1.DeleteApiKeyRequest\x1a\x16.google.protobuf.Empty\" \xe2\xf9\x18\x03\x08\xcc\x01\x82\xd3\xe4\x93\x02\x13*\x11/v1/api-keys/{id}B\x98\x01\n\x18\x63om.example.ingestion.v1B\x10\x41uthServiceProtoP\x01Z:example.com/ingestion-grpc/gen/go/ingestion/v1;ingestionv1\xaa\x02\x0cIngestion.V1\xca\x02\x0cIngestion\\V1\xea\x02\rIngestion::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,7 +52,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETEAPIKEYREQUEST'].fields_by_name['id']._loaded_options = None
   _globals['_DELETEAPIKEYREQUEST'].fields_by_name['id']._serialized_options = b'\342A\001\002'
   _globals['_AUTHSERVICE'].methods_by_name['Login']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['Login']._serialized_options = b'\202\323\344\223\002\023\"\016/v1/auth/login:\001*'
+  _globals['_AUTHSERVICE'].methods_by_name['Login']._serialized_options = b'\342\371\030\004\022\002\255\003\202\323\344\223\002\023\"\016/v1/auth/login:\001*'
   _globals['_APIKEYSERVICE'].methods_by_name['CreateApiKey']._loaded_options = None
   _globals['_APIKEYSERVICE'].methods_by_name['CreateApiKey']._serialized_options = b'\342\371\030\003\010\311\001\202\323\344\223\002\021\"\014/v1/api-keys:\001*'
   _globals['_APIKEYSERVICE'].methods_by_name['ListApiKeys']._loaded_options = None
@@ -72,7 +72,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETEAPIKEYREQUEST']._serialized_start=510
   _globals['_DELETEAPIKEYREQUEST']._serialized_end=549
   _globals['_AUTHSERVICE']._serialized_start=551
-  _globals['_AUTHSERVICE']._serialized_end=657
-  _globals['_APIKEYSERVICE']._serialized_start=660
-  _globals['_APIKEYSERVICE']._serialized_end=995
+  _globals['_AUTHSERVICE']._serialized_end=665
+  _globals['_APIKEYSERVICE']._serialized_start=668
+  _globals['_APIKEYSERVICE']._serialized_end=1003
 # @@protoc_insertion_point(module_scope)

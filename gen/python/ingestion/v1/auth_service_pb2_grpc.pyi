@@ -39,6 +39,14 @@ class AuthServiceStub:
     """Exchanges an email and password for an access token (an HS256 JWT).
     Wrong credentials give UNAUTHENTICATED with the same message whether or
     not the email exists.
+
+    Failed attempts are counted per account and per client address over a
+    window (`LOGIN_FAILURE_WINDOW`); past `LOGIN_MAX_FAILURES_PER_ACCOUNT` or
+    `LOGIN_MAX_FAILURES_PER_ADDRESS` every attempt, right or wrong, fails with
+    RESOURCE_EXHAUSTED (REST 429 with a `Retry-After` header in seconds; a
+    `google.rpc.RetryInfo` detail for gRPC clients) until the window ends,
+    the same way whether or not the account exists. A successful sign-in
+    clears its account's count.
     """
 
 @_typing.type_check_only
@@ -50,6 +58,14 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """Exchanges an email and password for an access token (an HS256 JWT).
     Wrong credentials give UNAUTHENTICATED with the same message whether or
     not the email exists.
+
+    Failed attempts are counted per account and per client address over a
+    window (`LOGIN_FAILURE_WINDOW`); past `LOGIN_MAX_FAILURES_PER_ACCOUNT` or
+    `LOGIN_MAX_FAILURES_PER_ADDRESS` every attempt, right or wrong, fails with
+    RESOURCE_EXHAUSTED (REST 429 with a `Retry-After` header in seconds; a
+    `google.rpc.RetryInfo` detail for gRPC clients) until the window ends,
+    the same way whether or not the account exists. A successful sign-in
+    clears its account's count.
     """
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -64,6 +80,14 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         """Exchanges an email and password for an access token (an HS256 JWT).
         Wrong credentials give UNAUTHENTICATED with the same message whether or
         not the email exists.
+
+        Failed attempts are counted per account and per client address over a
+        window (`LOGIN_FAILURE_WINDOW`); past `LOGIN_MAX_FAILURES_PER_ACCOUNT` or
+        `LOGIN_MAX_FAILURES_PER_ADDRESS` every attempt, right or wrong, fails with
+        RESOURCE_EXHAUSTED (REST 429 with a `Retry-After` header in seconds; a
+        `google.rpc.RetryInfo` detail for gRPC clients) until the window ends,
+        the same way whether or not the account exists. A successful sign-in
+        clears its account's count.
         """
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -109,6 +109,12 @@ class IngestionServiceServicer:
         """Creates a source after validating its provider configuration and checking
         the connection, then queues its initial import. A failed check creates
         nothing. Requires `create:ingestion`.
+
+        A file source's `uploadedFilePath` must name an upload of the caller's
+        (any caller's, for an admin) that no source has used yet: another user's
+        upload, like one that does not exist, is NOT_FOUND (REST 404); one a
+        source already used is ABORTED (REST 409), even if that source was
+        deleted. Update follows the same rules.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

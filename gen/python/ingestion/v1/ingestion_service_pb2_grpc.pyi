@@ -46,6 +46,12 @@ class IngestionServiceStub:
     """Creates a source after validating its provider configuration and checking
     the connection, then queues its initial import. A failed check creates
     nothing. Requires `create:ingestion`.
+
+    A file source's `uploadedFilePath` must name an upload of the caller's
+    (any caller's, for an admin) that no source has used yet: another user's
+    upload, like one that does not exist, is NOT_FOUND (REST 404); one a
+    source already used is ABORTED (REST 409), even if that source was
+    deleted. Update follows the same rules.
     """
     ListIngestionSources: _grpc.UnaryStreamMultiCallable[_ingestion_service_pb2.ListIngestionSourcesRequest, _resources_pb2.IngestionSource]
     """Streams every source the caller may read, newest first. Over REST the
@@ -101,6 +107,12 @@ class IngestionServiceAsyncStub(IngestionServiceStub):
     """Creates a source after validating its provider configuration and checking
     the connection, then queues its initial import. A failed check creates
     nothing. Requires `create:ingestion`.
+
+    A file source's `uploadedFilePath` must name an upload of the caller's
+    (any caller's, for an admin) that no source has used yet: another user's
+    upload, like one that does not exist, is NOT_FOUND (REST 404); one a
+    source already used is ABORTED (REST 409), even if that source was
+    deleted. Update follows the same rules.
     """
     ListIngestionSources: _aio.UnaryStreamMultiCallable[_ingestion_service_pb2.ListIngestionSourcesRequest, _resources_pb2.IngestionSource]  # type: ignore[assignment]
     """Streams every source the caller may read, newest first. Over REST the
@@ -159,6 +171,12 @@ class IngestionServiceServicer(metaclass=_abc_1.ABCMeta):
         """Creates a source after validating its provider configuration and checking
         the connection, then queues its initial import. A failed check creates
         nothing. Requires `create:ingestion`.
+
+        A file source's `uploadedFilePath` must name an upload of the caller's
+        (any caller's, for an admin) that no source has used yet: another user's
+        upload, like one that does not exist, is NOT_FOUND (REST 404); one a
+        source already used is ABORTED (REST 409), even if that source was
+        deleted. Update follows the same rules.
         """
 
     @_abc_1.abstractmethod

@@ -54,6 +54,11 @@ class UploadServiceServicer:
         the server's disk and returns where it was stored, to pass as
         `uploadedFilePath` in a file source's `providerConfig`.
 
+        The upload is the caller's: only they, or an admin, can create a source
+        from it, and only one source ever. One that no source uses is removed
+        after the server's `UPLOAD_TTL` (24 hours by default); once its source
+        has imported it, the file is removed too.
+
         Over REST (`POST /v1/upload`) the request body is the file itself, sent
         as is with any `Content-Type`; it is forwarded to the server piece by
         piece and never held whole in memory. The answer is `201 Created` with

@@ -159,6 +159,14 @@ export declare const AuthService: GenService<{
    * Wrong credentials give UNAUTHENTICATED with the same message whether or
    * not the email exists.
    *
+   * Failed attempts are counted per account and per client address over a
+   * window (`LOGIN_FAILURE_WINDOW`); past `LOGIN_MAX_FAILURES_PER_ACCOUNT` or
+   * `LOGIN_MAX_FAILURES_PER_ADDRESS` every attempt, right or wrong, fails with
+   * RESOURCE_EXHAUSTED (REST 429 with a `Retry-After` header in seconds; a
+   * `google.rpc.RetryInfo` detail for gRPC clients) until the window ends,
+   * the same way whether or not the account exists. A successful sign-in
+   * clears its account's count.
+   *
    * @generated from rpc ingestion.v1.AuthService.Login
    */
   login: {
