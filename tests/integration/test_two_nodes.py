@@ -15,7 +15,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -124,20 +123,6 @@ def message(index: int) -> bytes:
         "Date: Mon, 02 Dec 2024 10:00:00 +0000\r\n"
         "\r\n"
     ).encode() + body
-
-
-def fill_inbox(dovecot: Dovecot, email: str, messages: list[bytes]) -> None:
-    """Write the messages straight into the user's Maildir (seconds, where IMAP
-    APPEND takes a minute), then let Dovecot index them."""
-    maildir = dovecot.mail_dir / email / "Maildir"
-    owner = (65534, 65534) if os.geteuid() == 0 else (os.getuid(), os.getgid())
-    for path in (maildir.parent, maildir, maildir / "cur", maildir / "new", maildir / "tmp"):
-        path.mkdir(exist_ok=True)
-        os.chown(path, *owner)
-    stamp = int(time.time())
-    for index, raw in enumerate(messages):
-        (maildir / "cur" / f"{stamp}.M{index}P1.two-nodes,S={len(raw)}:2,").write_bytes(raw)
-    assert dovecot.status(email, "INBOX")["messages"] == len(messages)
 
 
 @contextlib.contextmanager
@@ -260,7 +245,8 @@ def test_the_other_node_finishes_an_import_after_one_is_killed(
     first, second = nodes
     messages = [message(index) for index in range(MESSAGES)]
     email = dovecot.new_user("nodes")
-    fill_inbox(dovecot, email, messages)
+    dovecot.fill_inbox(email, messages)
+    assert dovecot.status(email, "INBOX")["messages"] == MESSAGES
 
     # The first server migrates the empty database and creates the admin; then
     # the rest of both nodes. Each Envoy balances over both gRPC servers.
