@@ -51,9 +51,15 @@ class Case:
     kill_after: int
     # Blobs read back whole from the archive at the end (all of them are listed).
     read_back: int
+    # STALE_RUN_AFTER: how long the dead node's mailbox waits to be taken over. A
+    # worker reports once a batch (500 messages), and a live one must not look
+    # dead: into the S3 test server a batch took over 15 s on this machine under
+    # load (moto's CPU per PUT), and two workers then took the mailbox from each
+    # other before either reported.
+    stale_after: str
 
 
-ARCHIVES = [Case("file", 20_000, 3_000, 1_000), Case("s3", 2_000, 600, 200)]
+ARCHIVES = [Case("file", 20_000, 3_000, 1_000, "10s"), Case("s3", 2_000, 600, 200, "40s")]
 WORKER_READY = "Worker process is ready for action."
 ADMIN_EMAIL = "admin@example.com"
 
@@ -162,11 +168,6 @@ def shared_services() -> Iterator[dict[str, str]]:
             "ENCRYPTION_KEY": secrets.token_hex(32),
             "ADMIN_EMAIL": ADMIN_EMAIL,
             "ADMIN_PASSWORD": secrets.token_urlsafe(16),
-            # A dead node's mailbox is taken over after 15 s without a heartbeat: a
-            # worker reports once a batch, and a batch of 500 into the S3 test server
-            # on this busy machine can take several seconds (a live worker must not
-            # look dead).
-            "STALE_RUN_AFTER": "15s",
             "SCHEDULER_TICK": "1s",
             "METRICS_PORT": "0",
             "PYTHONUNBUFFERED": "1",
@@ -203,10 +204,19 @@ def archive(case: Case, request: pytest.FixtureRequest, tmp_path: Path) -> Share
 
 
 @pytest.fixture
-def nodes(tmp_path: Path, archive: SharedArchive) -> Iterator[tuple[Node, Node]]:
+def nodes(tmp_path: Path, case: Case, archive: SharedArchive) -> Iterator[tuple[Node, Node]]:
     with shared_services() as shared:
         first, second = (
-            Node(name, tmp_path / name, {**os.environ, **shared, **archive.environment})
+            Node(
+                name,
+                tmp_path / name,
+                {
+                    **os.environ,
+                    **shared,
+                    **archive.environment,
+                    "STALE_RUN_AFTER": case.stale_after,
+                },
+            )
             for name in ("node-a", "node-b")
         )
         for node in (first, second):
