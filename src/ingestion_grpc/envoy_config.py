@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
+from ingestion_grpc.api.rest_rules import lua_rules
+
 ENVOY_DIR = Path(__file__).resolve().parents[2] / "envoy"
 TEMPLATE = ENVOY_DIR / "envoy.yaml.in"
 DESCRIPTOR = ENVOY_DIR / "ingestion.pb"
@@ -122,6 +124,7 @@ def render_envoy_config(
         ADMIN_PORT=_port(admin_port, "ENVOY_ADMIN_PORT", allow_zero=True),
         PROTO_DESCRIPTOR=json.dumps(str(descriptor)),
         OPENAPI_DOCUMENT=json.dumps(str(openapi)),
+        REST_RULES=lua_rules(descriptor),
     )
     out_path = out_path.resolve()
     out_path.parent.mkdir(parents=True, exist_ok=True)

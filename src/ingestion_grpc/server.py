@@ -39,6 +39,7 @@ from ingestion_grpc.api.interceptors import AuthInterceptor, ErrorInterceptor
 from ingestion_grpc.api.metrics import MetricsInterceptor
 from ingestion_grpc.api.settings import SettingsServicer
 from ingestion_grpc.api.upload import UploadServicer
+from ingestion_grpc.api.validation import ValidationInterceptor
 from ingestion_grpc.archive.blobstore import blob_store_from_settings
 from ingestion_grpc.auth.services import ensure_first_admin
 from ingestion_grpc.config import Settings
@@ -64,6 +65,17 @@ SERVICE_NAMES = (
 # Largest request message: an upload piece from a native gRPC client may be up
 # to 4 MiB of data (gRPC's usual limit) plus its framing. Envoy sends smaller ones.
 MAX_RECEIVE_MESSAGE_BYTES = 4 * 1024 * 1024 + 64 * 1024
+# Request headers (gRPC metadata). gRPC's defaults (8 KiB, then refusing at
+# random up to 16 KiB) sit below Envoy's own limit, so a long bearer token got a
+# random 429. Envoy refuses headers past `max_request_headers_kb` (32 KiB, in
+# envoy/envoy.yaml.in) with 431; this leaves room for the headers Envoy adds
+# (x-envoy-original-path repeats the path) so that what Envoy lets through, the
+# server takes. One limit, no soft one: nothing is refused at random.
+MAX_METADATA_BYTES = 64 * 1024
+METADATA_OPTIONS = [
+    ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+    ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
+]
 # How far a client (Envoy) may send ahead of what an RPC has read, per stream.
 # gRPC's default grows this window with its bandwidth-delay estimate; an upload
 # whose disk writes stall (writeback) then piled up to ~200 MiB in this process.
@@ -158,10 +170,12 @@ def start_server(
             MetricsInterceptor(),
             ErrorInterceptor(),
             AuthInterceptor(database, settings.jwt_secret),
+            ValidationInterceptor(),
         ],
         options=[
             ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
             *RECEIVE_WINDOW_OPTIONS,
+            *METADATA_OPTIONS,
         ],
     )
     ingestion_service_pb2_grpc.add_IngestionServiceServicer_to_server(

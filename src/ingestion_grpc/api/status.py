@@ -26,6 +26,10 @@ _CODES: list[tuple[type[errors.IngestionError], int]] = [
 ]
 # The HTTP statuses Envoy's Lua filter may put in place of RESOURCE_EXHAUSTED's 429.
 _NARROWED_HTTP = frozenset({413, 507})
+# A status travels in the trailers (grpc-message, grpc-status-details-bin), and
+# Envoy drops a response whose trailers pass its header limit (a 502). Requests
+# are checked so that no error quotes a long value; this is the last guard.
+MAX_TEXT_CHARS = 1000
 
 
 def http_code(error: errors.IngestionError) -> str | None:
@@ -37,7 +41,7 @@ def http_code(error: errors.IngestionError) -> str | None:
 
 def to_status(error: errors.IngestionError) -> grpc.Status:
     code = next((c for cls, c in _CODES if isinstance(error, cls)), code_pb2.INTERNAL)
-    status = status_pb2.Status(code=code, message=_message(error))
+    status = status_pb2.Status(code=code, message=_bounded(_message(error)))
     violation = _field_violation(error)
     if violation is not None:
         detail = any_pb2.Any()
@@ -52,13 +56,20 @@ def _field_violation(
 ) -> error_details_pb2.BadRequest.FieldViolation | None:
     if isinstance(error, errors.InvalidArgument):
         return error_details_pb2.BadRequest.FieldViolation(
-            field=error.field, description=error.description
+            field=_bounded(error.field), description=_bounded(error.description)
         )
     if isinstance(error, errors.ConnectionCheckFailed):
         return error_details_pb2.BadRequest.FieldViolation(
-            field="providerConfig", description=str(error)
+            field="providerConfig", description=_bounded(str(error))
         )
     return None
+
+
+_CUT = " [...]"
+
+
+def _bounded(text: str) -> str:
+    return text if len(text) <= MAX_TEXT_CHARS else text[: MAX_TEXT_CHARS - len(_CUT)] + _CUT
 
 
 def _message(error: errors.IngestionError) -> str:

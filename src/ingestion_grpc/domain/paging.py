@@ -27,6 +27,12 @@ def _decode(token: str) -> tuple[str, str] | None:
         key, item_id = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         if not isinstance(key, str) or not isinstance(item_id, str):
             raise TypeError(key)
+        for text in (key, item_id):
+            # No stored sort key or id holds a NUL or a lone surrogate (a "\\ud800"
+            # escape): PostgreSQL refuses both. encode() raises UnicodeEncodeError.
+            if "\0" in text:
+                raise ValueError(key)
+            text.encode()
         return key, item_id
     except (ValueError, TypeError):
         raise InvalidArgument("pageToken", "is not a token this API returned") from None

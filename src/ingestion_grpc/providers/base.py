@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from ingestion_grpc.errors import InvalidArgument, ProviderDataError
+from ingestion_grpc.text import TextRule, check_text
 
 JsonDict = dict[str, Any]
 
@@ -167,14 +168,23 @@ class ProviderEnvironment:
     limit_overrides: Mapping[str, float] = field(default_factory=dict)
 
 
+# A config string (or each string of a list): one line of at most this much.
+CONFIG_TEXT = TextRule(1024)
+# A host name (RFC 1035: 253 characters at most) or an IP address.
+HOST_TEXT = TextRule(253)
+# A file's path on the server (Linux's PATH_MAX).
+PATH_TEXT = TextRule(4096)
+
+
 @dataclass(frozen=True)
 class ConfigField:
-    """One accepted `providerConfig` field and its JSON type."""
+    """One accepted `providerConfig` field, its JSON type and, for text, its rule."""
 
     name: str
     kind: type | tuple[type, ...]
     required: bool = True
     secret: bool = False
+    text: TextRule = CONFIG_TEXT
 
 
 class Provider:
@@ -222,6 +232,7 @@ class Provider:
                 raise InvalidArgument(
                     f"providerConfig.{spec.name}", f"must be {_kind_name(spec.kind)}"
                 )
+            _check_texts(f"providerConfig.{spec.name}", value, spec.text)
             if isinstance(value, str) and spec.required and not value.strip():
                 raise InvalidArgument(f"providerConfig.{spec.name}", "must not be empty")
             if isinstance(value, float) and not isinstance(value, bool):
@@ -280,6 +291,13 @@ def check_patterns(config: JsonDict, *names: str) -> None:
                     f"item {index} must be a non-empty string (a name or a glob "
                     'pattern such as "Archive/*")',
                 )
+
+
+def _check_texts(field: str, value: Any, rule: TextRule) -> None:
+    """A string, or the strings of a list, against the field's rule."""
+    for text in value if isinstance(value, list) else (value,):
+        if isinstance(text, str):
+            check_text(field, text, rule)
 
 
 def _has_kind(value: Any, kind: type | tuple[type, ...]) -> bool:

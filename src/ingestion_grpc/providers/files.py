@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 
 from ingestion_grpc.errors import InvalidArgument, ProviderDataError
 from ingestion_grpc.providers.base import (
+    PATH_TEXT,
     Batch,
     ConfigField,
     FetchContext,
@@ -88,9 +89,9 @@ class FileImport(Provider):
     continuous_sync = False
     fields = (
         # A path readable by the service on its own machine, inside IMPORT_ROOT.
-        ConfigField(LOCAL, str, required=False),
+        ConfigField(LOCAL, str, required=False, text=PATH_TEXT),
         # The path an earlier upload returned, inside UPLOAD_ROOT.
-        ConfigField(UPLOADED, str, required=False),
+        ConfigField(UPLOADED, str, required=False, text=PATH_TEXT),
     )
     batch_messages: int = MAX_BATCH_MESSAGES
     batch_bytes: int = MAX_BATCH_BYTES

@@ -69,6 +69,7 @@ from ingestion_grpc.providers.google_api import (
 from ingestion_grpc.providers.google_fetch import fetch_user
 from ingestion_grpc.providers.google_gmail import GmailUser
 from ingestion_grpc.providers.retries import ATTEMPTS, RetryLater, is_loopback_host
+from ingestion_grpc.text import TextRule
 
 # Deliberately loose: it catches pasted names and missing domains, not every RFC 5322 corner.
 EMAIL_PATTERN = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
@@ -76,6 +77,9 @@ EMAIL_PATTERN = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 # The service-account key members the delegated token flow cannot do without.
 REQUIRED_KEY_MEMBERS = ("client_email", "private_key")
 KEY_FIELD = "providerConfig.serviceAccountKeyJson"
+# The key file as downloaded: pretty-printed JSON, about 2.3 KB with a 2048-bit
+# key, under 4 KB with a 4096-bit one.
+KEY_FILE_TEXT = TextRule(16384, multiline=True)
 
 USERS_PAGE_SIZE = 500
 # Attempts of the connection check's calls: someone is waiting for the answer.
@@ -97,7 +101,7 @@ class GoogleWorkspace(Provider):
     name = "google_workspace"
     fields = (
         # The whole key file downloaded from the Cloud console, as a string. Secret.
-        ConfigField("serviceAccountKeyJson", str, secret=True),
+        ConfigField("serviceAccountKeyJson", str, secret=True, text=KEY_FILE_TEXT),
         # A super administrator the service account impersonates to list users.
         ConfigField("impersonatedAdminEmail", str),
         # Optional glob patterns on the users' primary emails, case-insensitive.

@@ -31,6 +31,7 @@ from imapclient.imapclient import SocketTimeout
 
 from ingestion_grpc.errors import ConnectionCheckFailed, InvalidArgument, ProviderAuthError
 from ingestion_grpc.providers.base import (
+    HOST_TEXT,
     Batch,
     ConfigField,
     FetchContext,
@@ -61,7 +62,7 @@ class GenericImap(Provider):
 
     name = "generic_imap"
     fields = (
-        ConfigField("host", str),
+        ConfigField("host", str, text=HOST_TEXT),
         ConfigField("port", int),
         # true: implicit TLS from the first byte; false: STARTTLS if offered, else plain.
         ConfigField("secure", bool),
