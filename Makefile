@@ -145,3 +145,14 @@ bench-google: venv
 # docs/benchmarks-m365.md.
 bench-m365: venv
 	$(BIN)/python bench/bench_m365.py --users $(USERS) --per-user $(PER_USER) $(ARGS)
+
+# Many IMAP mailboxes (MAILBOXES x PER_MAILBOX messages, one source each) imported
+# with 1, 2 and 4 worker processes (`ingestion-grpc worker --processes P`): messages/s,
+# efficiency against linear and the CPU each worker process used (needs PostgreSQL and
+# Redis on 127.0.0.1). `make bench-scale MAILBOXES=8 PER_MAILBOX=500`; figures:
+# docs/benchmarks-scale.md.
+MAILBOXES ?= 32
+PER_MAILBOX ?= 2000
+.PHONY: bench-scale
+bench-scale: venv dovecot
+	$(BIN)/python bench/bench_scale.py --mailboxes $(MAILBOXES) --per-mailbox $(PER_MAILBOX) $(ARGS)

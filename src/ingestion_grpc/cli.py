@@ -2,7 +2,9 @@
 
 ingestion-grpc run                                  the whole stack (make run)
 ingestion-grpc server                               the gRPC server alone
+ingestion-grpc worker --processes 2 --threads 4     a Dramatiq worker alone
 ingestion-grpc scheduler                            the scheduler alone
+ingestion-grpc envoy --upstream 10.0.0.5:50051 ...  Envoy alone, before gRPC servers
 ingestion-grpc create-user EMAIL --role user        prompts for the password
 
 and the client commands of a running service (`client/commands.py`):
@@ -25,7 +27,7 @@ from ingestion_grpc.auth.services import create_user
 from ingestion_grpc.client import commands as client_commands
 from ingestion_grpc.db.migrate import upgrade_to_head
 from ingestion_grpc.db.session import Database
-from ingestion_grpc.errors import IngestionError
+from ingestion_grpc.errors import ConfigurationError, IngestionError
 
 
 @contextlib.contextmanager
@@ -74,6 +76,61 @@ def _server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker(args: argparse.Namespace) -> int:
+    from ingestion_grpc.jobs.worker import worker_command, worker_environment
+
+    # Dramatiq takes this process over (exec): signals, exit code and the process
+    # group are its own, exactly as for a worker the stack starts.
+    command = worker_command(threads=args.threads, processes=args.processes)
+    os.execve(command[0], command, worker_environment(os.environ, args.threads))
+
+
+def _envoy(args: argparse.Namespace) -> int:
+    from ingestion_grpc.config import parse_port
+    from ingestion_grpc.envoy_config import envoy_command, parse_upstreams, render_envoy_config
+
+    try:
+        if args.upstream:
+            upstreams = [u for given in args.upstream for u in parse_upstreams(given, "--upstream")]
+        else:
+            given = os.environ.get("GRPC_UPSTREAMS", "").strip()
+            if not given:
+                raise ConfigurationError("GRPC_UPSTREAMS (or --upstream host:port) is not set")
+            upstreams = parse_upstreams(given, "GRPC_UPSTREAMS")
+        http_host = os.environ.get("HTTP_HOST", "0.0.0.0").strip() or "0.0.0.0"
+        http_port = parse_port(os.environ.get("HTTP_PORT", "8080"), "HTTP_PORT", allow_zero=False)
+        admin_port = parse_port(os.environ.get("ENVOY_ADMIN_PORT", "0"), "ENVOY_ADMIN_PORT")
+        metrics_port = parse_port(os.environ.get("METRICS_PORT", "0"), "METRICS_PORT")
+    except (ConfigurationError, ValueError) as error:
+        print(f"configuration error: {error}", file=sys.stderr)
+        return 2
+    data_dir = Path(os.environ.get("DATA_DIR", "./data")).resolve()
+    try:
+        config = render_envoy_config(
+            http_host,
+            http_port,
+            upstreams[0].port,
+            admin_port,
+            data_dir / "envoy.yaml",
+            metrics_port=metrics_port,
+            upstreams=upstreams,
+        )
+        command = envoy_command(config)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(
+        f"envoy on {http_host}:{http_port} in front of {', '.join(map(str, upstreams))}", flush=True
+    )
+    os.execv(command[0], command)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 up, got {text!r}")
+    return int(text)
+
+
 def _scheduler(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -108,9 +165,25 @@ def main(argv: list[str] | None = None) -> int:
         handler=_run
     )
     commands.add_parser("server", help="run the gRPC server alone").set_defaults(handler=_server)
+    worker = commands.add_parser(
+        "worker", help="run a Dramatiq worker alone (the import jobs of this node)"
+    )
+    worker.add_argument("--processes", type=_positive, default=1, help="worker processes")
+    worker.add_argument("--threads", type=_positive, default=4, help="threads per process")
+    worker.set_defaults(handler=_worker)
     commands.add_parser("scheduler", help="run the scheduler alone").set_defaults(
         handler=_scheduler
     )
+    envoy = commands.add_parser(
+        "envoy", help="run Envoy alone, in front of one or more gRPC servers"
+    )
+    envoy.add_argument(
+        "--upstream",
+        action="append",
+        metavar="HOST:PORT",
+        help="a gRPC server (repeat, or comma-separate; default: GRPC_UPSTREAMS)",
+    )
+    envoy.set_defaults(handler=_envoy)
     user = commands.add_parser(
         "create-user",
         help="create a user (password from NEW_USER_PASSWORD or a prompt)",

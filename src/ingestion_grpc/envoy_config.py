@@ -1,17 +1,21 @@
 """Render Envoy's bootstrap (`envoy/envoy.yaml.in`) for one set of ports.
 
-Envoy fronts the gRPC server: REST through the gRPC-JSON transcoder and native
-gRPC on the same HTTP port. The template and the descriptor set it loads
+Envoy fronts one or more gRPC servers: REST through the gRPC-JSON transcoder and
+native gRPC on the same HTTP port. The template and the descriptor set it loads
 (`envoy/ingestion.pb`, written by `make gen`) live in the repository's
 `envoy/` folder.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 import shutil
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
@@ -30,6 +34,51 @@ def _port(value: int, name: str, *, allow_zero: bool = False) -> str:
     return str(value)
 
 
+@dataclass(frozen=True)
+class Upstream:
+    """One gRPC server Envoy sends requests to: an IP address or a DNS name, and a port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_ip(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+
+_UPSTREAM = re.compile(r"^(?:\[([0-9a-fA-F:.]+)\]|([A-Za-z0-9.-]+)):(\d{1,5})$")
+
+
+def parse_upstreams(text: str, variable: str) -> list[Upstream]:
+    """`host:port,host:port` (an IPv6 address in brackets: `[::1]:50051`)."""
+    upstreams = []
+    for item in (part.strip() for part in text.split(",")):
+        match = _UPSTREAM.match(item)
+        if not match or not 1 <= int(match.group(3)) <= 65535:
+            raise ValueError(
+                f"{variable} must be host:port[,host:port...] such as 10.0.0.5:50051, got {item!r}"
+            )
+        upstreams.append(Upstream(match.group(1) or match.group(2), int(match.group(3))))
+    return upstreams
+
+
+def _endpoints(upstreams: Sequence[Upstream]) -> str:
+    """The cluster's lb_endpoints as a flow-style (JSON) YAML list."""
+    return json.dumps(
+        [
+            {"endpoint": {"address": {"socket_address": {"address": u.host, "port_value": u.port}}}}
+            for u in upstreams
+        ]
+    )
+
+
 def render_envoy_config(
     http_host: str,
     http_port: int,
@@ -38,6 +87,7 @@ def render_envoy_config(
     out_path: Path,
     *,
     metrics_port: int = 0,
+    upstreams: Sequence[Upstream] = (),
     descriptor: Path = DESCRIPTOR,
     openapi: Path = OPENAPI_DOCUMENT,
     template: Path = TEMPLATE,
@@ -47,7 +97,12 @@ def render_envoy_config(
     `admin_port` 0 lets the kernel pick the admin port (it stays on 127.0.0.1).
     `metrics_port` is the gRPC server's Prometheus listener, which Envoy serves as
     `GET /metrics`; 0 (a server without one) makes that path answer 503.
+    `upstreams`: the gRPC servers to balance over (`ingestion-grpc envoy`); empty
+    means the one on 127.0.0.1:`grpc_port`.
     """
+    servers = list(upstreams) or [Upstream("127.0.0.1", int(_port(grpc_port, "GRPC_PORT")))]
+    for server in servers:
+        _port(server.port, f"the port of upstream {server}")
     descriptor = descriptor.resolve()
     if not descriptor.is_file():
         raise FileNotFoundError(f"{descriptor} is missing; run `make gen`")
@@ -60,7 +115,11 @@ def render_envoy_config(
         # Envoy binds "::" IPv6-only unless told otherwise; 0.0.0.0 must not set it.
         IPV4_COMPAT="true" if http_host == "::" else "false",
         HTTP_PORT=_port(http_port, "HTTP_PORT"),
-        GRPC_PORT=_port(grpc_port, "GRPC_PORT"),
+        GRPC_ENDPOINTS=_endpoints(servers),
+        # STATIC takes IP addresses only; names are resolved (and re-resolved) by DNS.
+        GRPC_CLUSTER_TYPE="STATIC" if all(s.is_ip for s in servers) else "STRICT_DNS",
+        # /healthz: 200 while at least one server passes its health check.
+        MIN_HEALTHY_PERCENT=str(100 // len(servers)),
         METRICS_PORT=_port(metrics_port, "METRICS_PORT", allow_zero=True),
         ADMIN_PORT=_port(admin_port, "ENVOY_ADMIN_PORT", allow_zero=True),
         PROTO_DESCRIPTOR=json.dumps(str(descriptor)),

@@ -28,9 +28,25 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import partial
+from typing import Any
 
-from sqlalchemy import ColumnElement, Update, and_, exists, false, func, select, true, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import (
+    ColumnElement,
+    String,
+    Update,
+    and_,
+    any_,
+    bindparam,
+    exists,
+    false,
+    func,
+    literal,
+    select,
+    true,
+    tuple_,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 
 from ingestion_grpc.db.models import IngestionSource, RunMailbox, SyncSession, new_id
 from ingestion_grpc.db.session import UnitOfWork
@@ -187,10 +203,6 @@ def next_sync_delay(interval: timedelta, consecutive_failures: int) -> timedelta
     return min(doubled, MAX_BACKOFF)
 
 
-def free_places(cap: int, running: int) -> int:
-    return max(cap - running, 0)
-
-
 # --- starting, pausing and resuming runs ---------------------------------------------
 
 
@@ -203,24 +215,63 @@ def open_run(uow: UnitOfWork, source_id: str) -> SyncSession | None:
     )
 
 
-def _open_or_resume_run(uow: UnitOfWork, source: IngestionSource, kind: RunKind) -> SyncSession:
-    """Right after a source is claimed: its open run, running again, or a new one.
+def _any_of(ids: list[str]) -> Any:
+    """`column == _any_of(ids)`: one array parameter, however many ids."""
+    return any_(bindparam("ids", ids, type_=ARRAY(String), unique=True))
+
+
+def _open_or_resume_runs(uow: UnitOfWork, source_ids: list[str], kind: RunKind) -> None:
+    """Right after sources are claimed: each one's open run, running again, or a new one.
 
     The run exists from the moment it is accepted, so a pause before any worker
-    picked it up still leaves a run for the resume to continue.
+    picked it up still leaves a run for the resume to continue. A few statements,
+    however many sources (the scheduler claims thousands at once).
     """
-    run = open_run(uow, source.id)
-    started = database_now(uow)
-    if run is None:
-        run = SyncSession(
-            source_id=source.id, kind=kind, status=RunState.RUNNING, started_at=started
+    moment = now()
+    resumed = set(
+        uow.session.scalars(
+            update(SyncSession)
+            .where(SyncSession.source_id == _any_of(source_ids), SyncSession.status.in_(OPEN_RUNS))
+            .values(status=RunState.RUNNING, heartbeat_at=moment)
+            .returning(SyncSession.source_id)
+            .execution_options(synchronize_session=False)
         )
-        uow.session.add(run)
-        source.last_sync_started_at = started
-        source.last_sync_status_message = f"{kind.capitalize()} queued."
-    run.status = RunState.RUNNING
-    run.heartbeat_at = started
-    uow.session.flush()
+    )
+    fresh = [source_id for source_id in source_ids if source_id not in resumed]
+    if not fresh:
+        return
+    uow.session.execute(
+        insert(SyncSession).from_select(
+            ["id", "source_id", "kind", "status", "started_at", "heartbeat_at"],
+            select(
+                func.gen_random_uuid().cast(String),
+                IngestionSource.id,
+                literal(kind.value),
+                literal(RunState.RUNNING.value),
+                moment,
+                moment,
+            ).where(IngestionSource.id == _any_of(fresh)),
+        )
+    )
+    uow.session.execute(
+        update(IngestionSource)
+        .where(IngestionSource.id == _any_of(fresh))
+        .values(
+            last_sync_started_at=moment, last_sync_status_message=f"{kind.capitalize()} queued."
+        )
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _open_or_resume_run(uow: UnitOfWork, source: IngestionSource, kind: RunKind) -> SyncSession:
+    _open_or_resume_runs(uow, [source.id], kind)
+    uow.session.refresh(source)
+    run = uow.session.scalar(
+        select(SyncSession)
+        .where(SyncSession.source_id == source.id, SyncSession.status == RunState.RUNNING)
+        .execution_options(populate_existing=True)
+    )
+    assert run is not None
     return run
 
 
@@ -269,18 +320,17 @@ def claim_due_syncs(
     )
     if not due:
         return []
+    claimed = [source_id for source_id, _ in due]
     uow.session.execute(
         update(IngestionSource)
-        .where(IngestionSource.id.in_([source_id for source_id, _ in due]))
+        .where(IngestionSource.id == _any_of(claimed))
         .values(
             status=SourceStatus.SYNCING, run_requested_at=moment, next_sync_at=moment + interval
         )
         .execution_options(synchronize_session=False)
     )
+    _open_or_resume_runs(uow, claimed, RunKind.SYNC)
     for source_id, previous in due:
-        source = uow.session.get(IngestionSource, source_id, populate_existing=True)
-        assert source is not None
-        _open_or_resume_run(uow, source, RunKind.SYNC)
         uow.after_commit(
             partial(
                 _send_or_release,
@@ -292,7 +342,7 @@ def claim_due_syncs(
                 reraise=False,
             )
         )
-    return [source_id for source_id, _ in due]
+    return claimed
 
 
 def _send_or_release(
@@ -387,68 +437,67 @@ def record_mailboxes(
         .where(RunMailbox.run_id == run_id, RunMailbox.state == MailboxState.PENDING)
         .values(enqueued_at=None)
     )
-    return _send_waiting(uow, run_id, cap, jobs)
+    return _send_waiting(uow, [run_id], jobs)
 
 
-def _running_count(uow: UnitOfWork, run_id: str) -> int:
-    return (
-        uow.session.scalar(
-            select(func.count())
-            .select_from(RunMailbox)
-            .where(RunMailbox.run_id == run_id, RunMailbox.state == MailboxState.RUNNING)
-        )
-        or 0
-    )
+def _send_waiting(uow: UnitOfWork, run_ids: list[str], jobs: JobQueue) -> int:
+    """Send the pending mailboxes of these runs that wait for a place, as many as
+    each run's cap has free (running ones and sent ones hold a place), in name order.
 
-
-def _send_waiting(uow: UnitOfWork, run_id: str, cap: int, jobs: JobQueue) -> int:
-    """Send the pending mailboxes waiting for a place, as many as the cap has free.
-
-    The caller holds the run's row lock, so two callers cannot both fill one place.
+    One statement for any number of runs. The caller holds the runs' row locks, so
+    two callers cannot both fill one place.
     """
-    places = free_places(cap, _running_count(uow, run_id) + _sent_count(uow, run_id))
-    if places == 0:
-        return 0
-    names = list(
-        uow.session.scalars(
+    taken = (
+        select(RunMailbox.run_id, func.count().label("count"))
+        .where(
+            RunMailbox.run_id == _any_of(run_ids),
+            (RunMailbox.state == MailboxState.RUNNING)
+            | ((RunMailbox.state == MailboxState.PENDING) & RunMailbox.enqueued_at.is_not(None)),
+        )
+        .group_by(RunMailbox.run_id)
+        .subquery()
+    )
+    free = (
+        select(
+            SyncSession.id.label("run_id"),
+            (SyncSession.max_concurrent_mailboxes - func.coalesce(taken.c.count, 0)).label("free"),
+        )
+        .outerjoin(taken, taken.c.run_id == SyncSession.id)
+        .where(SyncSession.id == _any_of(run_ids))
+        .subquery()
+    )
+    waiting = (
+        select(
+            RunMailbox.run_id,
+            RunMailbox.mailbox,
+            func.row_number()
+            .over(partition_by=RunMailbox.run_id, order_by=RunMailbox.mailbox)
+            .label("position"),
+        )
+        .where(
+            RunMailbox.run_id == _any_of(run_ids),
+            RunMailbox.state == MailboxState.PENDING,
+            RunMailbox.enqueued_at.is_(None),
+        )
+        .subquery()
+    )
+    chosen = (
+        select(waiting.c.run_id, waiting.c.mailbox)
+        .join(free, free.c.run_id == waiting.c.run_id)
+        .where(waiting.c.position <= free.c.free)
+    )
+    sent = list(
+        uow.session.execute(
             update(RunMailbox)
-            .where(
-                RunMailbox.run_id == run_id,
-                RunMailbox.mailbox.in_(
-                    select(RunMailbox.mailbox)
-                    .where(
-                        RunMailbox.run_id == run_id,
-                        RunMailbox.state == MailboxState.PENDING,
-                        RunMailbox.enqueued_at.is_(None),
-                    )
-                    .order_by(RunMailbox.mailbox)
-                    .limit(places)
-                    .scalar_subquery()
-                ),
-            )
+            .where(tuple_(RunMailbox.run_id, RunMailbox.mailbox).in_(chosen))
             .values(enqueued_at=now())
-            .returning(RunMailbox.mailbox)
+            .returning(RunMailbox.run_id, RunMailbox.mailbox)
+            .execution_options(synchronize_session=False)
         )
     )
-    for name in names:
+    for run_id, name in sorted(sent):
         uow.after_commit(partial(jobs.enqueue_mailbox, run_id, name))
-    return len(names)
-
-
-def _sent_count(uow: UnitOfWork, run_id: str) -> int:
-    """Pending mailboxes whose job is in the queue: they hold a place too."""
-    return (
-        uow.session.scalar(
-            select(func.count())
-            .select_from(RunMailbox)
-            .where(
-                RunMailbox.run_id == run_id,
-                RunMailbox.state == MailboxState.PENDING,
-                RunMailbox.enqueued_at.is_not(None),
-            )
-        )
-        or 0
-    )
+    return len(sent)
 
 
 @dataclass(frozen=True)
@@ -568,7 +617,7 @@ def end_mailbox(
         )
     )
     if run is not None and run.status == RunState.RUNNING:
-        _send_waiting(uow, claim.run_id, run.max_concurrent_mailboxes, jobs)
+        _send_waiting(uow, [claim.run_id], jobs)
 
 
 def source_of_run(uow: UnitOfWork, run_id: str) -> str | None:
@@ -790,9 +839,10 @@ def revive_lost_mailboxes(
     for run_id, mailbox in revived:
         uow.after_commit(partial(jobs.enqueue_mailbox, run_id, mailbox))
         log.warning("mailbox %s of run %s was stale: re-sent", mailbox, run_id)
+    # Locked first (as every change to several of a run's mailboxes does), then filled.
     waiting_runs = list(
         uow.session.scalars(
-            select(SyncSession)
+            select(SyncSession.id)
             .where(
                 SyncSession.status == RunState.RUNNING,
                 exists().where(
@@ -804,7 +854,5 @@ def revive_lost_mailboxes(
             .with_for_update()
         )
     )
-    sent = sum(
-        _send_waiting(uow, run.id, run.max_concurrent_mailboxes, jobs) for run in waiting_runs
-    )
+    sent = _send_waiting(uow, waiting_runs, jobs) if waiting_runs else 0
     return len(revived) + sent

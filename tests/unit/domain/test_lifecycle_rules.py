@@ -12,7 +12,6 @@ from ingestion_grpc.domain.lifecycle import (
     RunState,
     SourceStatus,
     client_may_set,
-    free_places,
     next_sync_delay,
     run_may_start,
     run_outcome,
@@ -82,8 +81,3 @@ def test_failed_runs_back_off_up_to_six_hours() -> None:
     assert next_sync_delay(interval, 1) == timedelta(minutes=10)
     assert next_sync_delay(interval, 3) == timedelta(minutes=40)
     assert next_sync_delay(interval, 50) == MAX_BACKOFF
-
-
-def test_places_under_a_cap() -> None:
-    assert free_places(4, 1) == 3
-    assert free_places(2, 5) == 0
