@@ -3,17 +3,19 @@ mailbox, folder paths merged, counts that say what happened."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from ingestion_grpc.archive.blobstore import sha256_hex
 from ingestion_grpc.archive.catalog import BatchOutcome, record_batch
-from ingestion_grpc.db.models import ArchivedEmail, IngestionSource, User
+from ingestion_grpc.config import Settings
+from ingestion_grpc.crypto import CredentialCipher
+from ingestion_grpc.db.models import ArchivedEmail
 from ingestion_grpc.db.session import Database
 from ingestion_grpc.providers.base import FetchedMessage
 from ingestion_grpc.server import RunningServer
+from tests.support.sources import stored_source
 
 ONE = (
     b"Message-ID: <same@example.com>\r\nSubject: one\r\n"
@@ -31,23 +33,10 @@ def database(database_url: str, grpc_server: RunningServer) -> Iterator[Database
 
 
 @pytest.fixture
-def source_id(database: Database) -> str:
-    with database.unit_of_work() as uow:
-        owner = User(
-            email=f"catalog-{uuid.uuid4().hex[:8]}@example.com", password_hash="-", role="user"
-        )
-        uow.session.add(owner)
-        uow.session.flush()
-        source = IngestionSource(
-            owner_id=owner.id,
-            name="catalog",
-            provider="mbox_import",
-            status="importing",
-            sealed_config=b"",
-        )
-        uow.session.add(source)
-        uow.commit()
-        return source.id
+def source_id(database: Database, settings: Settings) -> str:
+    return stored_source(
+        database, CredentialCipher(settings.encryption_key), "catalog", "importing"
+    )
 
 
 def _record(database: Database, source_id: str, *messages: tuple[bytes, str]) -> BatchOutcome:

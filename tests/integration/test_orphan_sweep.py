@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,12 +18,15 @@ from sqlalchemy import delete, text
 from ingestion_grpc.archive.blobstore import BlobStore, LocalBlobStore
 from ingestion_grpc.archive.catalog import hold_blobs_for_batch, record_batch
 from ingestion_grpc.archive.sweep import PeriodicSweep, delete_unreferenced, sweep_orphans
-from ingestion_grpc.db.models import IngestionSource, User
+from ingestion_grpc.config import Settings
+from ingestion_grpc.crypto import CredentialCipher
+from ingestion_grpc.db.models import IngestionSource
 from ingestion_grpc.db.session import Database
 from ingestion_grpc.providers.base import FetchedMessage
 from ingestion_grpc.server import RunningServer
 from tests.support.polling import wait_for
 from tests.support.s3 import S3Archive
+from tests.support.sources import stored_source
 
 HOUR = timedelta(hours=1)
 
@@ -44,23 +47,10 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
     return archive.store()
 
 
-def _new_source(database: Database) -> str:
-    with database.unit_of_work() as uow:
-        owner = User(
-            email=f"sweep-{uuid.uuid4().hex[:8]}@example.com", password_hash="-", role="user"
-        )
-        uow.session.add(owner)
-        uow.session.flush()
-        source = IngestionSource(
-            owner_id=owner.id,
-            name="sweep",
-            provider="mbox_import",
-            status="paused",
-            sealed_config=b"",
-        )
-        uow.session.add(source)
-        uow.commit()
-        return source.id
+@pytest.fixture
+def new_source(database: Database, settings: Settings) -> Callable[[], str]:
+    cipher = CredentialCipher(settings.encryption_key)
+    return lambda: stored_source(database, cipher, "sweep", "paused")
 
 
 def _message(text: str) -> bytes:
@@ -84,9 +74,9 @@ def _stored(blobs: BlobStore) -> set[str]:
 
 
 def test_a_source_deleted_mid_batch_leaves_orphans_that_the_sweep_deletes(
-    database: Database, store: BlobStore
+    database: Database, store: BlobStore, new_source: Callable[[], str]
 ) -> None:
-    doomed, kept = _new_source(database), _new_source(database)
+    doomed, kept = new_source(), new_source()
     shared = _message("shared")
     [shared_digest] = _archive(database, store, kept, shared)
     [earlier] = _archive(database, store, doomed, _message("an earlier batch"))
@@ -111,9 +101,9 @@ def test_a_source_deleted_mid_batch_leaves_orphans_that_the_sweep_deletes(
 
 
 def test_the_sweep_waits_for_a_batch_in_flight_and_keeps_its_blobs(
-    database: Database, store: BlobStore
+    database: Database, store: BlobStore, new_source: Callable[[], str]
 ) -> None:
-    source = _new_source(database)
+    source = new_source()
     raw = _message("in flight")
     outcome: list[int] = []
     with database.unit_of_work() as batch:

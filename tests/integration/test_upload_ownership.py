@@ -11,10 +11,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import delete, func, update
+from sqlalchemy import delete, func, select, update
 
 from ingestion_grpc.config import Settings
-from ingestion_grpc.db.models import Upload
+from ingestion_grpc.db.models import IngestionSource, Upload, User
 from ingestion_grpc.engine import upload_sweep
 from ingestion_grpc.engine.context import EngineContext
 from ingestion_grpc.server import RunningServer
@@ -164,3 +164,36 @@ def test_the_sweep_removes_unused_expired_uploads_and_nothing_in_use(
     assert from_upload(alice, fresh)[0] == 201
     # Nothing more to do.
     assert upload_sweep.sweep(engine) == 0
+
+
+def test_a_file_without_a_row_is_kept_while_a_sources_settings_cannot_be_read(
+    grpc_server: RunningServer, engine: EngineContext, settings: Settings, small_mbox: bytes
+) -> None:
+    """Such a file is removed only if no source names it; a source whose sealed
+    settings do not open (another ENCRYPTION_KEY, a damaged row) might."""
+    orphan = settings.upload_root / f"{uuid.uuid4()}.upload"
+    orphan.write_bytes(small_mbox)
+    _age_file(orphan, engine.upload_ttl + timedelta(hours=1))
+    unreadable = str(uuid.uuid4())
+    with grpc_server.database.unit_of_work() as uow:
+        owner = uow.session.scalars(select(User.id).limit(1)).one()
+        uow.session.add(
+            IngestionSource(
+                id=unreadable,
+                owner_id=owner,
+                name="unreadable",
+                provider="mbox_import",
+                status="paused",
+                sealed_config=b"not sealed",
+            )
+        )
+        uow.commit()
+    try:
+        assert upload_sweep.sweep(engine) == 0
+        assert orphan.exists()
+    finally:
+        with grpc_server.database.unit_of_work() as uow:
+            uow.session.execute(delete(IngestionSource).where(IngestionSource.id == unreadable))
+            uow.commit()
+    assert upload_sweep.sweep(engine) == 1
+    assert not orphan.exists()

@@ -3,9 +3,13 @@ back its archive and its runs."""
 
 from __future__ import annotations
 
+import uuid
 from collections import defaultdict
 from typing import Any
 
+from ingestion_grpc.crypto import CredentialCipher
+from ingestion_grpc.db.models import IngestionSource, User
+from ingestion_grpc.db.session import Database
 from ingestion_grpc.engine.context import EngineContext
 from ingestion_grpc.engine.scheduler import tick
 from tests.support.polling import wait_for
@@ -13,6 +17,31 @@ from tests.support.rest import Rest
 from tests.support.workers import Worker
 
 RUNNING = ("importing", "syncing")
+
+
+def stored_source(database: Database, cipher: CredentialCipher, name: str, status: str) -> str:
+    """An mbox source of a new owner, written straight to the database (for tests of
+    the catalog and the sweeps); its settings are sealed like the API seals them, so
+    every part that reads all sources (the upload sweep) can read this one."""
+    with database.unit_of_work() as uow:
+        owner = User(
+            email=f"{name}-{uuid.uuid4().hex[:8]}@example.com", password_hash="-", role="user"
+        )
+        uow.session.add(owner)
+        uow.session.flush()
+        source_id = str(uuid.uuid4())
+        uow.session.add(
+            IngestionSource(
+                id=source_id,
+                owner_id=owner.id,
+                name=name,
+                provider="mbox_import",
+                status=status,
+                sealed_config=cipher.seal({}, bound_to=source_id),
+            )
+        )
+        uow.commit()
+        return source_id
 
 
 def create_source(client: Rest, name: str, provider: str, config: dict[str, Any]) -> dict:

@@ -195,7 +195,7 @@ def remove_expired(
     database: Database,
     store: UploadStore,
     ttl: timedelta,
-    names_in_use: Callable[[], set[str]],
+    names_in_use: Callable[[], set[str] | None],
 ) -> int:
     """Delete the uploads no source uses that are older than `ttl`; how many went.
 
@@ -203,7 +203,8 @@ def remove_expired(
     each deleted with its file in one transaction. Files without a row (a crash
     between the file and its row, or uploaded before rows existed): those
     untouched for `ttl`, unless a source's config names them (`names_in_use`,
-    asked only when there are such files). Partial files of a server that died
+    asked only when there are such files; None, when a config cannot be read,
+    keeps them all). Partial files of a server that died
     mid-upload go too. An upload a source uses is never removed.
     """
     removed = 0
@@ -230,7 +231,7 @@ def remove_expired(
 
 
 def _remove_files_without_rows(
-    database: Database, root: Path, ttl: timedelta, names_in_use: Callable[[], set[str]]
+    database: Database, root: Path, ttl: timedelta, names_in_use: Callable[[], set[str] | None]
 ) -> int:
     if not root.is_dir():
         return 0
@@ -248,6 +249,11 @@ def _remove_files_without_rows(
     if not orphans:
         return 0
     in_use = names_in_use()
+    if in_use is None:
+        log.warning(
+            "%d upload file(s) without a row kept: a source's settings cannot be read", len(orphans)
+        )
+        return 0
     removed = 0
     for path in orphans.values():
         if path.name in in_use:

@@ -17,6 +17,7 @@ from sqlalchemy import select
 from ingestion_grpc.db.models import IngestionSource
 from ingestion_grpc.domain import uploads
 from ingestion_grpc.engine.context import EngineContext
+from ingestion_grpc.errors import IngestionError
 from ingestion_grpc.providers.files import UPLOADED, FileImport
 from ingestion_grpc.providers.registry import PROVIDERS
 
@@ -49,8 +50,9 @@ def sweep(ctx: EngineContext) -> int:
     )
 
 
-def _names_in_use(ctx: EngineContext, root: Path) -> set[str]:
-    """The upload file names that file sources' configs name (decrypted here)."""
+def _names_in_use(ctx: EngineContext, root: Path) -> set[str] | None:
+    """The upload file names that file sources' configs name (decrypted here), or
+    None when a config cannot be read: then nobody can say a file is unused."""
     file_providers = [name for name, cls in PROVIDERS.items() if issubclass(cls, FileImport)]
     with ctx.database.unit_of_work() as uow:
         sources = list(
@@ -60,7 +62,11 @@ def _names_in_use(ctx: EngineContext, root: Path) -> set[str]:
         )
     names = set()
     for source in sources:
-        config = ctx.cipher.open(source.sealed_config, bound_to=source.id)
+        try:
+            config = ctx.cipher.open(source.sealed_config, bound_to=source.id)
+        except IngestionError as error:
+            log.warning("source %s: its settings cannot be read (%s)", source.id, error)
+            return None
         if UPLOADED in config:
             names.add(Path(os.path.normpath(root / str(config[UPLOADED]))).name)
     return names
