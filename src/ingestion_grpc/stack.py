@@ -14,11 +14,11 @@ import json
 import logging
 import os
 import secrets
+import select
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -144,6 +144,51 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+class StopRequest:
+    """Set by SIGINT / SIGTERM; waited on by the supervisor's loop.
+
+    A signal handler runs between two bytecodes of the main thread, even inside
+    another run of itself: one that took a lock (`threading.Event.set`) could wait
+    for ever on the lock its interrupted self held, as a second SIGTERM from make
+    caused. So the handler only stores a number, and the wait is a `select` on a
+    socket that `signal.set_wakeup_fd` writes to when any signal arrives.
+    """
+
+    def __init__(self) -> None:
+        self.signal_number: int | None = None
+        self._wakeup_reader, self._wakeup_writer = socket.socketpair()
+        for end in (self._wakeup_reader, self._wakeup_writer):
+            end.setblocking(False)
+
+    def is_set(self) -> bool:
+        return self.signal_number is not None
+
+    def wait(self, timeout: float) -> bool:
+        """True once a stop is requested; at most `timeout` seconds otherwise."""
+        if not self.is_set():
+            select.select([self._wakeup_reader], [], [], timeout)
+            with contextlib.suppress(BlockingIOError):
+                self._wakeup_reader.recv(4096)
+        return self.is_set()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.signal_number = signum
+
+    @contextlib.contextmanager
+    def installed(self, signals: tuple[signal.Signals, ...]) -> Iterator[StopRequest]:
+        """Handle `signals` until the block ends, then put back what was there."""
+        previous_fd = signal.set_wakeup_fd(self._wakeup_writer.fileno(), warn_on_full_buffer=False)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in signals}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            signal.set_wakeup_fd(previous_fd)
+            self._wakeup_reader.close()
+            self._wakeup_writer.close()
+
+
 class Child:
     """One supervised process, restarted with a backoff when it dies."""
 
@@ -233,7 +278,7 @@ def _free_local_port() -> int:
         return port
 
 
-def _supervise(children: list[Child], healthz: str, ready_line: str, stop: threading.Event) -> int:
+def _supervise(children: list[Child], healthz: str, ready_line: str, stop: StopRequest) -> int:
     ready = False
     exit_code = 0
     next_probe = 0.0
@@ -275,24 +320,24 @@ def run_stack(environ: Mapping[str, str] = os.environ) -> int:
     if stack.log_format == "json":
         for log_handler in logging.getLogger().handlers:
             log_handler.setFormatter(JsonFormatter())
-    data_dir = stack.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True)
-    http_host, http_port, grpc_port = stack.http_host, stack.http_port, stack.grpc_port
-    admin_port = stack.envoy_admin_port
+    stack.data_dir.mkdir(parents=True, exist_ok=True)
     metrics_port = stack.metrics_port or _free_local_port()
 
-    stop = threading.Event()
+    with StopRequest().installed((signal.SIGINT, signal.SIGTERM)) as stop:
+        return _run_until_stopped(stack, environ, metrics_port, stop)
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+def _run_until_stopped(
+    stack: StackSettings, environ: Mapping[str, str], metrics_port: int, stop: StopRequest
+) -> int:
+    data_dir = stack.data_dir
+    http_host, http_port, grpc_port = stack.http_host, stack.http_port, stack.grpc_port
     try:
         envoy_config = render_envoy_config(
             http_host,
             http_port,
             grpc_port,
-            admin_port,
+            stack.envoy_admin_port,
             data_dir / "envoy.yaml",
             metrics_port=metrics_port,
         )
@@ -329,6 +374,3 @@ def run_stack(environ: Mapping[str, str] = os.environ) -> int:
     except (OSError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 1
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
