@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -229,6 +230,17 @@ def start_stack(argv: list[str], data_dir: Path, environment: dict[str, str]) ->
 
 
 @pytest.fixture
+def data_root() -> Iterator[Path]:
+    """A folder for DATA_DIRs outside pytest's tmp_path: the embedded PostgreSQL
+    runs as another user (pgserver, when we are root) and must traverse it, and
+    any pytest run resets /tmp/pytest-of-USER to 0700."""
+    root = Path(tempfile.mkdtemp(prefix="stack-signals-"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
 def stacks() -> Iterator[list[Stack]]:
     started: list[Stack] = []
     yield started
@@ -274,18 +286,40 @@ def test_sigterm_twice_stops_the_stack_every_time(
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def test_make_run_with_embedded_servers_stops_everything(
-    tmp_path: Path, stacks: list[Stack]
+def _embedded_servers(data_dir: Path) -> list[psutil.Process]:
+    """The embedded PostgreSQL (its postmaster and backends) and redis-server."""
+    servers = []
+    for process in processes_of(data_dir):
+        with contextlib.suppress(psutil.Error):
+            if process.name() in {"postgres", "redis-server"}:
+                servers.append(process)
+    return servers
+
+
+def test_make_run_stops_everything_even_after_a_sigkill(
+    data_root: Path, stacks: list[Stack]
 ) -> None:
-    """`make run` as a user starts it: embedded PostgreSQL and Redis under DATA_DIR;
-    SIGTERM twice, as a terminal's Ctrl-C or a service manager sends it."""
-    data_dir = tmp_path / "data"
-    for _ in range(2):
-        make_run = ["make", "--no-print-directory", "run"]
-        stack = start_stack(make_run, data_dir, _stack_environment(data_dir))
-        stacks.append(stack)
-        stack.wait_until_ready()
-        assert any("postgres" in line for line in _describe(processes_of(data_dir)))
-        assert any("redis-server" in line for line in _describe(processes_of(data_dir)))
-        stack.signal_twice(gap=50e-6)
-        _assert_stops_completely(stack, stack.wait_for_exit())
+    """`make run` as a user starts it, with the embedded PostgreSQL and Redis under
+    DATA_DIR. Killed (SIGKILL: no cleanup), it leaves those two running; the next
+    start on the same DATA_DIR stops them, and its own stop (SIGTERM twice, as
+    Ctrl-C in a terminal gives it) leaves nothing at all."""
+    data_dir = data_root / "data"
+    make_run = ["make", "--no-print-directory", "run"]
+    killed = start_stack(make_run, data_dir, _stack_environment(data_dir))
+    stacks.append(killed)
+    killed.wait_until_ready()
+    left_behind = _embedded_servers(data_dir)
+    assert {p.name() for p in left_behind} == {"postgres", "redis-server"}
+    killed.signal_group(signal.SIGKILL)  # make and the stack
+    killed.process.wait(10)
+    assert all(p.is_running() for p in left_behind)
+
+    again = start_stack(make_run, data_dir, _stack_environment(data_dir))
+    stacks.append(again)
+    again.wait_until_ready()
+    assert [p.pid for p in left_behind if p.is_running()] == []
+    assert {p.name() for p in _embedded_servers(data_dir)} == {"postgres", "redis-server"}
+    again.signal_twice(gap=50e-6)
+    _assert_stops_completely(again, again.wait_for_exit())
+    # The killed stack's children went with it (PR_SET_PDEATHSIG).
+    assert _describe(killed.leftovers()) == []
