@@ -4,6 +4,7 @@ ingestion-grpc run                                  the whole stack (make run)
 ingestion-grpc server                               the gRPC server alone
 ingestion-grpc scheduler                            the scheduler alone
 ingestion-grpc create-user EMAIL --role user        prompts for the password
+ingestion-grpc verify [SOURCE_ID]                   re-read and check every archived blob
 
 and the client commands of a running service (`client/commands.py`):
 ingestion-grpc sources list|show|create|watch|pause|resume|sync ...
@@ -59,6 +60,15 @@ def _create_user(args: argparse.Namespace) -> int:
             database.dispose()
     print(f"created {user.role} {user.email} ({user.id})")
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from ingestion_grpc import verify_command
+    from ingestion_grpc.client.output import Output
+
+    data_dir = Path(os.environ.get("DATA_DIR", "./data")).resolve()
+    with _database_url() as url:
+        return verify_command.run(url, data_dir, args.source_id, Output())
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -118,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     user.add_argument("email")
     user.add_argument("--role", choices=[r.value for r in Role], default=Role.USER.value)
     user.set_defaults(handler=_create_user)
+    checked = commands.add_parser(
+        "verify",
+        help="re-read every archived blob and check its SHA-256 and size against the catalog",
+    )
+    checked.add_argument("source_id", nargs="?", help="only this source's blobs")
+    checked.set_defaults(handler=_verify)
     client_commands.register(commands)
     args = parser.parse_args(argv)
     result: int = args.handler(args)

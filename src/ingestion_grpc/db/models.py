@@ -193,9 +193,7 @@ class ArchivedEmail(Base):
         Index("ix_archived_emails_source_order", "source_id", "archived_at", "id"),
         Index("ix_archived_emails_sha256", "sha256"),
         # Providers ask which of their message ids a mailbox holds already.
-        Index(
-            "ix_archived_emails_provider_id", "source_id", "mailbox", "provider_message_id"
-        ),
+        Index("ix_archived_emails_provider_id", "source_id", "mailbox", "provider_message_id"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
