@@ -45,8 +45,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 10.0
-# Each embedded server's share of the 30 s a stop may take, after the children's 10.
-SERVER_STOP_TIMEOUT = 8.0
+# Each embedded server's share of the 30 s a stop may take, after the children's
+# 10: Redis this (then SIGKILL), PostgreSQL this and pgserver's own 2 s.
+SERVER_STOP_TIMEOUT = 5.0
 BACKOFF_START = 1.0
 BACKOFF_MAX = 30.0
 # A child that ran this long before dying counts as healthy: backoff starts over.
@@ -247,6 +248,9 @@ def embedded_services(data_dir: Path, environ: Mapping[str, str]) -> Iterator[di
             _stop_redis(redis, data_dir)
         if postgres is not None:
             log.info("stopping embedded PostgreSQL")
+            # pg_ctl's wait (60 s by default) when pgserver stops it; past it,
+            # pgserver terminates the server and kills it 2 s later.
+            os.environ.setdefault("PGCTLTIMEOUT", str(int(SERVER_STOP_TIMEOUT)))
             postgres.cleanup()  # cleanup_mode "stop": stops the server, keeps the data
 
 

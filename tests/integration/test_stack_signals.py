@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 CLI = str(Path(sys.executable).parent / "ingestion-grpc")
 # The promise to an operator: a stop completes within this.
 STOP_WITHIN = 30.0
-QUICK_ROUNDS = 8
+QUICK_ROUNDS = 6
 
 
 def _free_port() -> int:
@@ -106,6 +106,17 @@ class Stack:
             time.sleep(0.02)
         raise AssertionError(f"fewer than {count} children after {timeout}s:\n{self.log()}")
 
+    def wait_for_child(self, name: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for process in self.note_tree():
+                with contextlib.suppress(psutil.Error):
+                    if process.name() == name:
+                        return
+            assert self.process.poll() is None, self.log()
+            time.sleep(0.05)
+        raise AssertionError(f"no {name} after {timeout}s:\n{self.log()}")
+
     def wait_until_ready(self, timeout: float = 120.0) -> None:
         assert self.process.stdout is not None
         deadline = time.monotonic() + timeout
@@ -123,22 +134,22 @@ class Stack:
     def signal_group(self, signum: int) -> None:
         os.killpg(self.process.pid, signum)
 
-    def signal_twice(self, gap: float) -> None:
-        """SIGTERM to the group, and again `gap` seconds later: about how long make
+    def signal_twice(self, gap: float, signum: int = signal.SIGTERM) -> None:
+        """`signum` to the group, and again `gap` seconds later: about how long make
         takes to forward the first to its child. (A busy wait: sleep is too coarse.)"""
-        self.signal_group(signal.SIGTERM)
+        self.signal_group(signum)
         again = time.perf_counter() + gap
         while time.perf_counter() < again:
             pass
-        self.signal_group(signal.SIGTERM)
+        self.signal_group(signum)
 
-    def signal_until_it_exits(self, count: int = 2000) -> None:
-        """SIGTERM after SIGTERM, tens of microseconds apart, while the stack stops:
-        a user pressing Ctrl-C again and again, make forwarding each one."""
+    def signal_until_it_exits(self, signum: int, count: int = 2000) -> None:
+        """Pair after pair, 20-180 microseconds apart, while the stack stops: a
+        second signal may land while the handler of the first still runs."""
         for number in range(count):
             if self.process.poll() is not None:
                 return
-            self.signal_twice(gap=20e-6 + (number * 37 % 160) * 1e-6)
+            self.signal_twice(20e-6 + (number * 37 % 160) * 1e-6, signum)
             time.sleep(0.0005)
 
     def leftovers(self) -> list[psutil.Process]:
@@ -267,8 +278,8 @@ def _assert_stops_completely(stack: Stack, code: int | None) -> None:
 def test_sigterm_twice_stops_the_stack_every_time(
     tmp_path: Path, stack_database: str, stacks: list[Stack]
 ) -> None:
-    """The double SIGTERM lands while the supervisor starts or watches its four
-    children; it must stop them all, every round."""
+    """Signals in quick pairs, from when the supervisor has started its four
+    children until it has exited: every round, it stops them all and exits."""
     for round_number in range(QUICK_ROUNDS):
         data_dir = tmp_path / f"round-{round_number}"
         environment = _stack_environment(
@@ -281,7 +292,8 @@ def test_sigterm_twice_stops_the_stack_every_time(
         stacks.append(stack)
         # server, worker, scheduler, Envoy
         stack.wait_for_children(4)
-        stack.signal_until_it_exits()
+        # Mostly SIGTERM (make, a service manager); SIGINT is Ctrl-C.
+        stack.signal_until_it_exits(signal.SIGINT if round_number % 4 == 3 else signal.SIGTERM)
         _assert_stops_completely(stack, stack.wait_for_exit())
         shutil.rmtree(data_dir, ignore_errors=True)
 
@@ -307,7 +319,8 @@ def test_make_run_stops_everything_even_after_a_sigkill(
     make_run = ["make", "--no-print-directory", "run"]
     killed = start_stack(make_run, data_dir, _stack_environment(data_dir))
     stacks.append(killed)
-    killed.wait_until_ready()
+    # Envoy is the last child started, after the embedded servers.
+    killed.wait_for_child("envoy")
     left_behind = _embedded_servers(data_dir)
     assert {p.name() for p in left_behind} == {"postgres", "redis-server"}
     killed.signal_group(signal.SIGKILL)  # make and the stack
