@@ -86,12 +86,11 @@ def _server(args: argparse.Namespace) -> int:
 
 def _scheduler(args: argparse.Namespace) -> int:
     import signal
-    import threading
-    from types import FrameType
 
     from ingestion_grpc import bootstrap
     from ingestion_grpc.db.migrate import upgrade_to_head
     from ingestion_grpc.engine.scheduler import run_forever
+    from ingestion_grpc.stop_request import StopRequest
 
     settings = bootstrap.settings_or_exit()
     bootstrap.configure_logging(settings)
@@ -99,14 +98,8 @@ def _scheduler(args: argparse.Namespace) -> int:
     ctx = bootstrap.engine_context(settings, bootstrap.job_queue(settings))
     # The scheduler may start before any server: the schema must exist first.
     upgrade_to_head(ctx.database.engine)
-    stopping = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    run_forever(ctx, settings.scheduler_tick.total_seconds(), stopping)
+    with StopRequest().installed((signal.SIGTERM, signal.SIGINT)) as stopping:
+        run_forever(ctx, settings.scheduler_tick.total_seconds(), stopping)
     ctx.database.dispose()
     return 0
 

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import secrets
-import select
 import shutil
 import signal
 import socket
@@ -27,7 +26,6 @@ import urllib.request
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
 import psutil
@@ -36,6 +34,7 @@ from ingestion_grpc.config import StackSettings
 from ingestion_grpc.envoy_config import envoy_command, render_envoy_config
 from ingestion_grpc.errors import ConfigurationError
 from ingestion_grpc.jobs.worker import worker_command, worker_environment
+from ingestion_grpc.stop_request import StopRequest
 from ingestion_grpc.telemetry import exposition
 from ingestion_grpc.telemetry.logs import JsonFormatter
 
@@ -258,51 +257,6 @@ def _die_with_parent() -> None:
     """In the child before exec: get SIGTERM if the stack dies without cleaning up."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class StopRequest:
-    """Set by SIGINT / SIGTERM; waited on by the supervisor's loop.
-
-    A signal handler runs between two bytecodes of the main thread, even inside
-    another run of itself: one that took a lock (`threading.Event.set`) could wait
-    for ever on the lock its interrupted self held, as a second SIGTERM from make
-    caused. So the handler only stores a number, and the wait is a `select` on a
-    socket that `signal.set_wakeup_fd` writes to when any signal arrives.
-    """
-
-    def __init__(self) -> None:
-        self.signal_number: int | None = None
-        self._wakeup_reader, self._wakeup_writer = socket.socketpair()
-        for end in (self._wakeup_reader, self._wakeup_writer):
-            end.setblocking(False)
-
-    def is_set(self) -> bool:
-        return self.signal_number is not None
-
-    def wait(self, timeout: float) -> bool:
-        """True once a stop is requested; at most `timeout` seconds otherwise."""
-        if not self.is_set():
-            select.select([self._wakeup_reader], [], [], timeout)
-            with contextlib.suppress(BlockingIOError):
-                self._wakeup_reader.recv(4096)
-        return self.is_set()
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.signal_number = signum
-
-    @contextlib.contextmanager
-    def installed(self, signals: tuple[signal.Signals, ...]) -> Iterator[StopRequest]:
-        """Handle `signals` until the block ends, then put back what was there."""
-        previous_fd = signal.set_wakeup_fd(self._wakeup_writer.fileno(), warn_on_full_buffer=False)
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in signals}
-        try:
-            yield self
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            signal.set_wakeup_fd(previous_fd)
-            self._wakeup_reader.close()
-            self._wakeup_writer.close()
 
 
 class Child:

@@ -37,6 +37,7 @@ CLI = str(Path(sys.executable).parent / "ingestion-grpc")
 # The promise to an operator: a stop completes within this.
 STOP_WITHIN = 30.0
 QUICK_ROUNDS = 6
+READY_ROUNDS = 2
 
 
 def _free_port() -> int:
@@ -86,6 +87,9 @@ class Stack:
     log_path: Path
     # Every process seen in its tree while it ran (pid, create time: pids get reused).
     seen: dict[int, float] = field(default_factory=dict)
+    # Signals go to every process of the tree, as systemd's KillMode=control-group
+    # sends them, not only to the stack's process group (a terminal, make).
+    whole_tree: bool = False
 
     def note_tree(self) -> list[psutil.Process]:
         try:
@@ -133,6 +137,10 @@ class Stack:
 
     def signal_group(self, signum: int) -> None:
         os.killpg(self.process.pid, signum)
+        if self.whole_tree:
+            for pid in self.seen:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
 
     def signal_twice(self, gap: float, signum: int = signal.SIGTERM) -> None:
         """`signum` to the group, and again `gap` seconds later: about how long make
@@ -275,26 +283,51 @@ def _assert_stops_completely(stack: Stack, code: int | None) -> None:
     assert _describe(stack.leftovers()) == []
 
 
-def test_sigterm_twice_stops_the_stack_every_time(
+def _quick_stack(data_dir: Path, database_url: str) -> Stack:
+    """`ingestion-grpc run` on the machine's PostgreSQL and Redis: no embedded
+    servers to start, so a round takes seconds."""
+    environment = _stack_environment(
+        data_dir,
+        DATABASE_URL=database_url,
+        REDIS_URL=REDIS_URL,
+        QUEUE_NAMESPACE=f"stack-signals-{uuid.uuid4().hex[:8]}",
+    )
+    return start_stack([CLI, "run"], data_dir, environment)
+
+
+def test_signals_in_quick_pairs_stop_the_stack_every_time(
     tmp_path: Path, stack_database: str, stacks: list[Stack]
 ) -> None:
     """Signals in quick pairs, from when the supervisor has started its four
     children until it has exited: every round, it stops them all and exits."""
     for round_number in range(QUICK_ROUNDS):
         data_dir = tmp_path / f"round-{round_number}"
-        environment = _stack_environment(
-            data_dir,
-            DATABASE_URL=stack_database,
-            REDIS_URL=REDIS_URL,
-            QUEUE_NAMESPACE=f"stack-signals-{uuid.uuid4().hex[:8]}",
-        )
-        stack = start_stack([CLI, "run"], data_dir, environment)
+        stack = _quick_stack(data_dir, stack_database)
         stacks.append(stack)
-        # server, worker, scheduler, Envoy
-        stack.wait_for_children(4)
+        stack.wait_for_children(4)  # server, worker, scheduler, Envoy
         # Mostly SIGTERM (make, a service manager); SIGINT is Ctrl-C.
         stack.signal_until_it_exits(signal.SIGINT if round_number % 4 == 3 else signal.SIGTERM)
         _assert_stops_completely(stack, stack.wait_for_exit())
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_signals_to_every_process_stop_each_child_gracefully(
+    tmp_path: Path, stack_database: str, stacks: list[Stack]
+) -> None:
+    """The stack is ready (every child has its own handlers in place), then each
+    process of it gets SIGTERM pairs: the server and the scheduler as well as the
+    supervisor, which also sends its own SIGTERM to each child. Each child stops
+    on its own, none has to be killed after the 10 s grace."""
+    for round_number in range(READY_ROUNDS):
+        data_dir = tmp_path / f"ready-{round_number}"
+        stack = _quick_stack(data_dir, stack_database)
+        stacks.append(stack)
+        stack.wait_until_ready()
+        stack.whole_tree = True
+        stack.signal_until_it_exits(signal.SIGTERM)
+        _assert_stops_completely(stack, stack.wait_for_exit())
+        assert "did not stop" not in stack.log()
+        assert stack.process.returncode == 0
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
