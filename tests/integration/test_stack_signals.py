@@ -37,7 +37,7 @@ CLI = str(Path(sys.executable).parent / "ingestion-grpc")
 # The promise to an operator: a stop completes within this.
 STOP_WITHIN = 30.0
 QUICK_ROUNDS = 6
-READY_ROUNDS = 2
+READY_ROUNDS = 1
 
 
 def _free_port() -> int:
