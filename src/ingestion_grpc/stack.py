@@ -3,7 +3,9 @@
 Fills in what the environment leaves out (an embedded PostgreSQL and Redis,
 generated secrets kept in DATA_DIR/secrets.json), then runs and supervises
 four children: the gRPC server, one Dramatiq worker, the scheduler and Envoy. A child that
-dies is restarted after a short backoff; SIGINT / SIGTERM stop everything.
+dies is restarted after a short backoff; SIGINT / SIGTERM stop everything, the
+embedded servers included, within 30 s. The embedded servers are daemons: those
+of a stack that was killed are stopped by the next start on the same DATA_DIR.
 """
 
 from __future__ import annotations

@@ -364,7 +364,22 @@ def test_make_run_stops_everything_even_after_a_sigkill(
     stacks.append(again)
     again.wait_until_ready()
     assert [p.pid for p in left_behind if p.is_running()] == []
-    assert {p.name() for p in _embedded_servers(data_dir)} == {"postgres", "redis-server"}
+    servers = {p.pid for p in _embedded_servers(data_dir)}
+    assert {psutil.Process(pid).name() for pid in servers} == {"postgres", "redis-server"}
+    # A second stack on the same DATA_DIR is refused, and takes none of its servers.
+    second = subprocess.run(
+        [CLI, "run"],
+        env=_stack_environment(data_dir),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert second.returncode == 1
+    assert f"cannot start: another `ingestion-grpc run` is using DATA_DIR {data_dir}" in (
+        second.stderr
+    )
+    assert {p.pid for p in _embedded_servers(data_dir)} == servers
     again.signal_twice(gap=50e-6)
     _assert_stops_completely(again, again.wait_for_exit())
     # The killed stack's children went with it (PR_SET_PDEATHSIG).
