@@ -36,6 +36,13 @@ no fsync) into an empty folder, median of 5.
     .venv/bin/python bench/bench_files.py --size 100M
     .venv/bin/python bench/bench_files.py --size 100M --py-spy prof.txt   # + where the
                                                          # worker's time goes, by step
+    .venv/bin/python bench/bench_files.py --size 100M --archive both --repeat 3
+
+`--archive s3` imports the mbox into the S3 blob store (ARCHIVE_URL on a new bucket of
+a local moto_server, tests/support/s3.py, per import), `--archive both` into each
+store, their figures side by side; `--repeat` imports it that many times (a new
+source and an empty store each time) and prints the medians. moto is a Python server
+on the same cores: S3 figures are our client against moto here, not AWS or MinIO.
 
 `make bench-files SIZE=100M` does the same. Results: docs/benchmarks-files.md.
 """
@@ -62,12 +69,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # bench_imap puts the repository root on sys.path (for `tests.support`) on import.
-from bench_imap import MB, BenchFailed, ImportResult, Stack, Worker, running_stack, timed_import
+from bench_imap import (
+    MB,
+    BenchFailed,
+    ImportResult,
+    Stack,
+    Worker,
+    print_moto_share,
+    running_stack,
+    timed_import,
+)
 from ingestion_grpc.config import parse_size
 from ingestion_grpc.providers.base import ProviderEnvironment
 from ingestion_grpc.providers.pst import PstImport
 from tests.support.corpora import ENRON_PST, HAM, mbox_messages
 from tests.support.fetch_context import NO_CONTEXT
+from tests.support.s3 import s3_server
 
 BATCH = 500  # the engine's batch (providers.files.MAX_BATCH_MESSAGES)
 FSYNC_THREADS = 16  # as archive.blobstore._SYNC_THREADS
@@ -112,12 +129,23 @@ def write_mbox(path: Path, size: int) -> tuple[int, int]:
 
 
 def import_through_stack(
-    stack: Stack, provider: str, path: Path, expected: int, *, profile: Path | None = None
+    stack: Stack,
+    provider: str,
+    path: Path,
+    expected: int,
+    *,
+    profile: Path | None = None,
+    environment: dict[str, str] | None = None,
+    log_name: str = "",
 ) -> ImportResult:
-    """Import the file through the stack until the source is `imported`."""
+    """Import the file through the stack until the source is `imported`; `environment`
+    adds to the worker's (another ARCHIVE_URL)."""
     return timed_import(
         stack,
-        Worker(stack.environment, stack.workdir / f"worker-{provider}.log"),
+        Worker(
+            {**stack.environment, **(environment or {})},
+            stack.workdir / f"worker-{log_name or provider}.log",
+        ),
         {"name": path.name, "provider": provider, "providerConfig": {"localFilePath": path.name}},
         expected,
         settled="imported",
@@ -322,6 +350,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-pst", action="store_true", help="skip the PST comparison")
     parser.add_argument(
+        "--archive",
+        choices=("local", "s3", "both"),
+        default="local",
+        help="the blob store the mbox import writes to: local files (default), S3 (a "
+        "local moto_server), or both, side by side",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="mbox imports per store; medians printed (1)"
+    )
+    parser.add_argument(
         "--py-spy",
         type=Path,
         metavar="FILE",
@@ -332,7 +370,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--workdir", type=Path, help="where the files, data and logs go (default: a temp dir)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the workdir (logs) at the end")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    return args
+
+
+def print_mbox_import(ours: ImportResult, archive: str) -> None:
+    label = "mbox, ours:" if archive == "local" else f"mbox, ours, {archive} archive:"
+    print(
+        f"{label:<15} {ours.messages:,} messages, {ours.size_bytes / MB:,.1f} MB "
+        f"in {ours.seconds:.1f} s: {rate(ours.messages, ours.size_bytes, ours.seconds)}"
+    )
+    print(
+        f"                worker process peak RSS {ours.worker_peak_kib / 1024:.1f} MiB "
+        f"(VmHWM; sampled max {ours.worker_sampled_kib / 1024:.1f} MiB)"
+    )
+
+
+def median_import(results: list[ImportResult]) -> ImportResult:
+    """The round of median time (an odd count; the lower middle one otherwise)."""
+    return sorted(results, key=lambda r: r.seconds)[(len(results) - 1) // 2]
 
 
 @contextlib.contextmanager
@@ -362,8 +420,12 @@ def main(argv: list[str] | None = None) -> int:
         f"File import benchmark: mbox of {size / MB:,.0f} MB, {os.cpu_count()} CPUs, "
         f"load average {load} (other work on the machine skews every figure)"
     )
+    archives = ["local", "s3"] if args.archive == "both" else [args.archive]
     try:
-        with _workdir(args.workdir, args.keep) as workdir, running_stack(workdir) as stack:
+        with contextlib.ExitStack() as cleanup:
+            workdir = cleanup.enter_context(_workdir(args.workdir, args.keep))
+            stack = cleanup.enter_context(running_stack(workdir))
+            s3 = cleanup.enter_context(s3_server()) if "s3" in archives else None
             print(f"  workdir {workdir}")
             imports = workdir / "data" / "imports"  # IMPORT_ROOT (DATA_DIR/imports)
             imports.mkdir(parents=True, exist_ok=True)
@@ -375,20 +437,43 @@ def main(argv: list[str] | None = None) -> int:
                 f"in {time.monotonic() - started:.1f} s"
             )
 
-            ours = import_through_stack(stack, "mbox_import", mbox, count, profile=args.py_spy)
-            print(
-                f"mbox, ours:     {ours.messages:,} messages, {ours.size_bytes / MB:,.1f} MB "
-                f"in {ours.seconds:.1f} s: {rate(ours.messages, ours.size_bytes, ours.seconds)}"
-            )
-            print(
-                f"                worker process peak RSS {ours.worker_peak_kib / 1024:.1f} MiB "
-                f"(VmHWM; sampled max {ours.worker_sampled_kib / 1024:.1f} MiB)"
-            )
-            if args.py_spy:
-                print(f"                profile of the worker: {args.py_spy}")
-                if args.py_spy.suffix not in (".svg", ".json"):
-                    summarize_profile(args.py_spy)
-            shutil.rmtree(workdir / "data" / "blobs", ignore_errors=True)  # free the disk
+            results: dict[str, list[ImportResult]] = {archive: [] for archive in archives}
+            for round_number in range(args.repeat):
+                for archive in archives:
+                    profile = args.py_spy if round_number == 0 and archive == archives[0] else None
+                    environment = {}
+                    if s3 is not None and archive == "s3":
+                        environment = s3.new_archive().environment
+                    moto_before = s3.cpu_seconds() if s3 is not None else 0.0
+                    ours = import_through_stack(
+                        stack,
+                        "mbox_import",
+                        mbox,
+                        count,
+                        profile=profile,
+                        environment=environment,
+                        log_name=f"mbox-{archive}-{round_number + 1}",
+                    )
+                    print_mbox_import(ours, archive)
+                    if s3 is not None and archive == "s3":
+                        print(" " * 6, end="")
+                        print_moto_share(s3.cpu_seconds() - moto_before, ours.seconds)
+                    if profile:
+                        print(f"                profile of the worker: {profile}")
+                        if profile.suffix not in (".svg", ".json"):
+                            summarize_profile(profile)
+                    # Free the disk; the next round starts from an empty store.
+                    shutil.rmtree(workdir / "data" / "blobs", ignore_errors=True)
+                    results[archive].append(ours)
+            if args.repeat > 1:
+                for archive, rounds in results.items():
+                    middle = median_import(rounds)
+                    figures = rate(middle.messages, middle.size_bytes, middle.seconds)
+                    print(
+                        f"median of {args.repeat} rounds ({archive} archive): "
+                        f"{middle.seconds:.1f} s, {figures}"
+                    )
+            ours = median_import(results[archives[0]])
 
             for index, barrier in enumerate(BARRIERS):
                 folder = workdir / f"baseline-{index}"

@@ -15,11 +15,18 @@ Timed: `POST /v1/ingestion-sources` (generic_imap) until `GET` says the source i
 Then `mbsync -a` mirrors the same INBOX into a Maildir (default settings, so it
 fsyncs every message as we do) and the two rates are compared.
 
+`--archive s3` imports into the S3 blob store instead (ARCHIVE_URL on a new bucket
+of a local moto_server, tests/support/s3.py), `--archive both` does each round
+with both stores and prints their figures side by side. moto is a Python server
+on the same two cores: its figures are our S3 client against moto here, not what
+AWS or MinIO would sustain.
+
     .venv/bin/python bench/bench_imap.py                       # N = 10,000
     .venv/bin/python bench/bench_imap.py --messages 2000
     .venv/bin/python bench/bench_imap.py --compare-rss         # peak RSS at 2,000 and 20,000
     .venv/bin/python bench/bench_imap.py --phases              # + where the time goes
     .venv/bin/python bench/bench_imap.py --py-spy prof.svg     # + profile the worker
+    .venv/bin/python bench/bench_imap.py --archive both        # local and S3 stores
 
 `make bench-imap N=2000 ARGS=--phases` does the same. Results: docs/benchmarks.md.
 """
@@ -64,6 +71,7 @@ from tests.support.corpora import HAM, mbox_messages
 from tests.support.dovecot import Dovecot
 from tests.support.envoy import EnvoyProxy, start_envoy
 from tests.support.fetch_context import NO_CONTEXT, NO_ENVIRONMENT
+from tests.support.s3 import S3Server, s3_server
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -311,13 +319,17 @@ def run_import(
     *,
     secure: bool,
     profile: Path | None,
+    s3: S3Server | None = None,
 ) -> ImportResult:
     """Import the mailbox through the stack until the source is `active`.
 
-    The worker gets a DATA_DIR of its own: every import starts from an empty blob
-    store (no directories made by an earlier round), as a first import does."""
-    name = email.split("@")[0]
+    The worker gets a DATA_DIR of its own (and with `s3`, a new bucket as its
+    ARCHIVE_URL): every import starts from an empty blob store (no directories
+    made by an earlier round), as a first import does."""
+    name = email.split("@")[0] + ("-s3" if s3 else "")
     environment = {**stack.environment, "DATA_DIR": str(stack.workdir / f"data-{name}")}
+    if s3 is not None:
+        environment.update(s3.new_archive().environment)
     return timed_import(
         stack,
         Worker(environment, stack.workdir / f"worker-{name}.log"),
@@ -576,16 +588,24 @@ def measure_phases(
 # -- reporting ------------------------------------------------------------------------------
 
 
-def print_import(result: ImportResult) -> None:
+def print_import(result: ImportResult, archive: str = "local") -> None:
     mb = result.size_bytes / MB
+    label = "ours:" if archive == "local" else f"ours, {archive} archive:"
     print(
-        f"  ours:   {result.messages:,} messages, {mb:.1f} MB in {result.seconds:.1f} s: "
+        f"  {label:<7} {result.messages:,} messages, {mb:.1f} MB in {result.seconds:.1f} s: "
         f"{result.rate:,.0f} messages/s, {mb / result.seconds:.2f} MB/s"
     )
     print(
         f"          worker process peak RSS {result.worker_peak_kib / 1024:.1f} MiB (VmHWM; "
         f"sampled max {result.worker_sampled_kib / 1024:.1f} MiB); dramatiq CLI parent "
         f"{result.parent_peak_kib / 1024:.1f} MiB"
+    )
+
+
+def print_moto_share(cpu_seconds: float, seconds: float) -> None:
+    print(
+        f"          moto_server (the S3 endpoint) used {cpu_seconds:.1f} CPU-s of the "
+        f"{seconds:.1f} s ({100 * cpu_seconds / seconds:.0f} % of one core)"
     )
 
 
@@ -629,12 +649,15 @@ def print_phases(phases: Phases) -> None:
         print(f"    {label:<30} {seconds:7.2f} s  {share:5.1f} %")
 
 
-def print_medians(rounds: list[tuple[ImportResult, MirrorResult | None]]) -> None:
+def print_medians(
+    rounds: list[tuple[ImportResult, MirrorResult | None]], archive: str = "local"
+) -> None:
     ours = [result for result, _ in rounds]
     mbsync = [mirror for _, mirror in rounds if mirror is not None]
     seconds = statistics.median(r.seconds for r in ours)
+    label = "ours" if archive == "local" else f"ours ({archive} archive)"
     print(
-        f"  median of {len(rounds)} rounds: ours {seconds:.1f} s, "
+        f"  median of {len(rounds)} rounds: {label} {seconds:.1f} s, "
         f"{statistics.median(r.rate for r in ours):,.0f} messages/s, "
         f"{statistics.median(r.size_bytes / MB / r.seconds for r in ours):.2f} MB/s, "
         f"peak RSS {statistics.median(r.worker_peak_kib for r in ours) / 1024:.1f} MiB"
@@ -665,6 +688,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--repeat", type=int, default=1, help="rounds per size, each on a new mailbox (1)"
     )
     parser.add_argument("--no-mbsync", action="store_true", help="skip the mbsync comparison")
+    parser.add_argument(
+        "--archive",
+        choices=("local", "s3", "both"),
+        default="local",
+        help="the blob store imports write to: local files (default), S3 (a local "
+        "moto_server), or both, side by side in every round",
+    )
     parser.add_argument(
         "--compare-rss",
         nargs="?",
@@ -699,6 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     secure = not args.plain
     sizes = [int(s) for s in args.compare_rss.split(",")] if args.compare_rss else [args.messages]
+    archives = ["local", "s3"] if args.archive == "both" else [args.archive]
     # SIGTERM (make interrupted, CI timeout) cleans up like Ctrl-C does.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     workdir = Path(tempfile.mkdtemp(prefix="bench-imap-", dir=args.workdir))
@@ -714,30 +745,53 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.ExitStack() as cleanup:
             dovecot = cleanup.enter_context(Dovecot(tls=secure))
             stack = cleanup.enter_context(running_stack(workdir))
+            s3 = cleanup.enter_context(s3_server()) if "s3" in archives else None
             results: list[list[ImportResult]] = []
             for size in sizes:
-                rounds: list[tuple[ImportResult, MirrorResult | None]] = []
+                rounds: dict[str, list[tuple[ImportResult, MirrorResult | None]]] = {
+                    archive: [] for archive in archives
+                }
                 for round_number in range(args.repeat):
                     print(f"mailbox of {size:,} messages, round {round_number + 1}/{args.repeat}:")
                     email = seed_mailbox(dovecot, size)
                     print_file_creation(workdir / f"probe-{email.split('@')[0]}")
                     profile = args.py_spy if round_number == 0 else None
-                    result = run_import(stack, dovecot, email, size, secure=secure, profile=profile)
-                    print_import(result)
-                    if profile:
-                        print(f"  profile of the worker: {profile}")
                     mirror = None
-                    if not args.compare_rss and not args.no_mbsync:
-                        mirror = run_mbsync(dovecot, email, size, workdir, secure=secure)
-                        print_mirror(mirror, result)
+                    for archive in archives:
+                        moto_before = s3.cpu_seconds() if s3 is not None else 0.0
+                        result = run_import(
+                            stack,
+                            dovecot,
+                            email,
+                            size,
+                            secure=secure,
+                            profile=profile if archive == archives[0] else None,
+                            s3=s3 if archive == "s3" else None,
+                        )
+                        print_import(result, archive)
+                        if s3 is not None and archive == "s3":
+                            print_moto_share(s3.cpu_seconds() - moto_before, result.seconds)
+                        if profile and archive == archives[0]:
+                            print(f"  profile of the worker: {profile}")
+                        if mirror is None and not args.compare_rss and not args.no_mbsync:
+                            mirror = run_mbsync(dovecot, email, size, workdir, secure=secure)
+                        if mirror is not None:
+                            print_mirror(mirror, result)
+                        rounds[archive].append((result, mirror))
                     if args.phases and round_number == 0:
                         print_phases(
-                            measure_phases(stack, dovecot, email, result.source_id, secure=secure)
+                            measure_phases(
+                                stack,
+                                dovecot,
+                                email,
+                                rounds[archives[0]][-1][0].source_id,
+                                secure=secure,
+                            )
                         )
-                    rounds.append((result, mirror))
-                if len(rounds) > 1:
-                    print_medians(rounds)
-                results.append([result for result, _ in rounds])
+                for archive, archive_rounds in rounds.items():
+                    if len(archive_rounds) > 1:
+                        print_medians(archive_rounds, archive)
+                results.append([result for result, _ in rounds[archives[0]]])
             if len(results) > 1:
                 _print_rss_comparison(results)
     except BenchFailed as exc:

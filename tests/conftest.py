@@ -3,6 +3,7 @@
 from tests.support.cloud import fake_google, fake_graph
 from tests.support.dovecot import dovecot
 from tests.support.envoy import envoy_factory
+from tests.support.s3 import s3, s3_archive
 from tests.support.services import (
     admin,
     database_url,
@@ -14,6 +15,7 @@ from tests.support.services import (
     rest_url,
     settings,
 )
+from tests.support.stacks import s3_deployment, stack
 from tests.support.workers import engine, start_worker
 
 __all__ = [
@@ -30,6 +32,10 @@ __all__ = [
     "make_client",
     "queue_namespace",
     "rest_url",
+    "s3",
+    "s3_archive",
+    "s3_deployment",
     "settings",
+    "stack",
     "start_worker",
 ]

@@ -115,7 +115,7 @@ def engine_context(settings: Settings, jobs: JobQueue) -> EngineContext:
     return EngineContext(
         database=Database(settings.database_url),
         cipher=CredentialCipher(settings.encryption_key),
-        blobs=blob_store_from_settings(settings.data_dir),
+        blobs=blob_store_from_settings(settings),
         jobs=jobs,
         limits=RedisLimiter(
             redis.Redis.from_url(settings.redis_url),
@@ -133,6 +133,6 @@ def source_service(settings: Settings, database: Database, jobs: JobQueue) -> So
         database,
         CredentialCipher(settings.encryption_key),
         jobs,
-        blob_store_from_settings(settings.data_dir),
+        blob_store_from_settings(settings),
         provider_environment(settings),
     )

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import quote, unquote, urlsplit
 
 from ingestion_grpc.errors import ConfigurationError
 
@@ -84,6 +85,34 @@ def parse_url(text: str, variable: str) -> str:
     return url
 
 
+# S3's rules for bucket names (3-63 characters; DNS-style, no "..").
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def parse_archive_url(text: str, variable: str) -> str:
+    """`file:///absolute/path` or `s3://bucket[/prefix]`, normalised (no trailing `/`)."""
+    url = urlsplit(text.strip())
+    if url.scheme == "file" and url.netloc in ("", "localhost") and url.path.startswith("/"):
+        path = Path(unquote(url.path)).resolve()
+        return "file://" + quote(str(path))
+    if (
+        url.scheme == "s3"
+        and _BUCKET.fullmatch(url.netloc)
+        and ".." not in url.netloc
+        and not url.query
+        and not url.fragment
+    ):
+        prefix = unquote(url.path).strip("/")
+        if not prefix:
+            return f"s3://{url.netloc}"
+        if all(part not in ("", ".", "..") for part in prefix.split("/")):
+            return f"s3://{url.netloc}/{quote(prefix)}"
+    raise ConfigurationError(
+        f"{variable} must be file:///absolute/path or s3://bucket/prefix "
+        "(a bucket name of 3-63 lowercase letters, digits, dots and hyphens)"
+    )
+
+
 def parse_limit(text: str, variable: str) -> float:
     try:
         value = float(text)
@@ -152,12 +181,17 @@ class Settings:
     limit_overrides: Mapping[str, float] = field(default_factory=dict)
     # PROVIDER_PLUGINS=module:Class,...: more providers (tests, private ones).
     provider_plugins: tuple[str, ...] = ()
+    # Where message bytes go: file:///path or s3://bucket/prefix ("" = DATA_DIR/blobs).
+    archive_url: str = ""
+    # An S3-compatible store's URL (MinIO, Ceph, R2); "" = AWS's own endpoints.
+    s3_endpoint_url: str = ""
 
     @classmethod
     def from_env(cls, environ: Environ = os.environ) -> Settings:
         """Every variable, read and checked; ConfigurationError names a bad one."""
         data_dir = Path(environ.get("DATA_DIR", "./data")).resolve()
         google = environ.get("GOOGLE_API_ENDPOINT", "").strip()
+        archive_url, s3_endpoint_url = archive_location(environ, data_dir)
         return cls(
             data_dir=data_dir,
             database_url=_required(environ, "DATABASE_URL"),
@@ -199,7 +233,21 @@ class Settings:
             provider_plugins=tuple(
                 p.strip() for p in environ.get("PROVIDER_PLUGINS", "").split(",") if p.strip()
             ),
+            archive_url=archive_url,
+            s3_endpoint_url=s3_endpoint_url,
         )
+
+
+def archive_location(environ: Environ, data_dir: Path) -> tuple[str, str]:
+    """ARCHIVE_URL (default: DATA_DIR/blobs) and S3_ENDPOINT_URL, checked: for
+    Settings, and for `verify`, which reads the archive without the service's
+    other settings."""
+    s3_endpoint = environ.get("S3_ENDPOINT_URL", "").strip()
+    archive_url = parse_archive_url(
+        environ.get("ARCHIVE_URL", "").strip() or f"file://{quote(str(data_dir))}/blobs",
+        "ARCHIVE_URL",
+    )
+    return archive_url, parse_url(s3_endpoint, "S3_ENDPOINT_URL") if s3_endpoint else ""
 
 
 LIMIT_PREFIX = "LIMIT_"

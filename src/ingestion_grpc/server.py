@@ -145,7 +145,7 @@ def start_server(
     database = Database(settings.database_url)
     prepare_database(database, settings, settings.admin_email, settings.admin_password)
     jobs = jobs or bootstrap.job_queue(settings)
-    blobs = blob_store_from_settings(settings.data_dir)
+    blobs = blob_store_from_settings(settings)
     sources = bootstrap.source_service(settings, database, jobs)
 
     uploads = UploadStore(settings.upload_root, settings.max_upload_bytes)

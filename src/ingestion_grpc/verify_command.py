@@ -1,11 +1,14 @@
 """`ingestion-grpc verify [SOURCE_ID]`: re-read the archive and report what is
 missing or damaged (`archive/verify.py`), with a progress bar on a terminal and
 plain lines on a pipe. Exit 0: every blob is whole; 1: some are missing or
-damaged; 2: bad usage or configuration (an unknown source, no database)."""
+damaged; 2: bad usage or configuration (an unknown source, a bad ARCHIVE_URL,
+no database, a blob store that cannot be used)."""
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -13,21 +16,33 @@ from sqlalchemy import inspect
 from sqlalchemy.exc import SQLAlchemyError
 
 from ingestion_grpc.archive import verify
-from ingestion_grpc.archive.blobstore import blob_store_from_settings
+from ingestion_grpc.archive.blobstore import BlobStore, blob_store_at
 from ingestion_grpc.client.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from ingestion_grpc.client.output import Output
+from ingestion_grpc.config import archive_location
 from ingestion_grpc.db.models import ArchivedEmail
 from ingestion_grpc.db.session import Database
-from ingestion_grpc.errors import NotFound
+from ingestion_grpc.errors import ConfigurationError, NotFound, Unavailable
 
 PLAIN_EVERY_SECONDS = 5.0
 
 
-def run(database_url: str, data_dir: Path, source_id: str | None, output: Output) -> int:
+def run(
+    database_url: str,
+    data_dir: Path,
+    source_id: str | None,
+    output: Output,
+    environ: Mapping[str, str] = os.environ,
+) -> int:
+    try:
+        store = blob_store_at(*archive_location(environ, data_dir), data_dir)
+    except ConfigurationError as error:
+        output.error(str(error))
+        return EXIT_USAGE
     database = Database(database_url)
     try:
-        return _run(database, data_dir, source_id, output)
-    except NotFound as error:
+        return _run(database, store, source_id, output)
+    except (NotFound, Unavailable) as error:  # Unavailable: the blob store cannot be used
         output.error(str(error))
         return EXIT_USAGE
     except SQLAlchemyError as error:
@@ -39,7 +54,7 @@ def run(database_url: str, data_dir: Path, source_id: str | None, output: Output
         database.dispose()
 
 
-def _run(database: Database, data_dir: Path, source_id: str | None, output: Output) -> int:
+def _run(database: Database, store: BlobStore, source_id: str | None, output: Output) -> int:
     if not inspect(database.engine).has_table(ArchivedEmail.__tablename__):
         output.error("this database has no archive catalog (has the service ever run on it?)")
         return EXIT_USAGE
@@ -48,7 +63,6 @@ def _run(database: Database, data_dir: Path, source_id: str | None, output: Outp
     blobs, total_bytes = verify.catalog_totals(database, source_id)
     scope = f"source {source_id}" if source_id else "every source"
     output.line(f"verifying {blobs} blobs ({total_bytes} bytes) of {scope}")
-    store = blob_store_from_settings(data_dir)
     if output.is_terminal:
         with Progress(
             TextColumn("blobs"),

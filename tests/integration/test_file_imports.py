@@ -36,6 +36,7 @@ from tests.support.sources import (
     runs,
     settled,
 )
+from tests.support.stacks import Stack
 from tests.support.workers import Worker
 
 EML_FOLDERS = ["", "Archive", "Archive/2002", "Archive/2002/Lists", "Inbox"]
@@ -78,15 +79,11 @@ class Files:
 
 
 @pytest.fixture
-def files(
-    make_client: Callable[[str], Rest],
-    settings: Settings,
-    engine: EngineContext,
-    start_worker: Callable[[], Worker],
-) -> Iterator[Files]:
-    folder = settings.import_root / uuid.uuid4().hex[:12]
+def files(stack: Stack) -> Iterator[Files]:
+    """For the local archive, or (with `stack` parametrized "s3") the S3 one."""
+    folder = stack.settings.import_root / uuid.uuid4().hex[:12]
     folder.mkdir(parents=True)
-    yield Files(make_client("user"), folder, settings, engine, start_worker)
+    yield Files(stack.make_client("user"), folder, stack.settings, stack.engine, stack.start_worker)
     shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -227,6 +224,7 @@ def test_a_bad_local_path_is_a_400_naming_the_field_and_creates_nothing(files: F
     assert (listed.status_code, listed.json()) == (200, []), listed.text
 
 
+@pytest.mark.parametrize("stack", ["local", "s3"], indirect=True)
 def test_an_uploaded_mbox_is_imported_exactly_then_removed(files: Files) -> None:
     user = files.user
     data = SPAM.read_bytes()

@@ -27,6 +27,7 @@ from tests.support.sources import (
     revived_by_watchdog,
     settled,
 )
+from tests.support.stacks import Stack
 from tests.support.workers import Worker
 
 NON_ASCII_FOLDER = "Entwürfe/Größe"
@@ -68,9 +69,9 @@ def user(make_client: Callable[[str], Rest]) -> Rest:
     return make_client("user")
 
 
-def test_import_sync_and_reimport(
-    user: Rest, dovecot: Dovecot, start_worker: Callable[[], Worker]
-) -> None:
+@pytest.mark.parametrize("stack", ["local", "s3"], indirect=True)
+def test_import_sync_and_reimport(stack: Stack, dovecot: Dovecot) -> None:
+    user, start_worker = stack.make_client("user"), stack.start_worker
     email = dovecot.new_user("engine")
     spam = mbox_messages(SPAM)
     dovecot.append(email, "INBOX", spam[:200])

@@ -1,7 +1,8 @@
 """`ingestion-grpc verify [SOURCE_ID]` as an operator runs it: a subprocess with
-DATABASE_URL and DATA_DIR, output to a pipe, over an archive made by a real mbox
-import (REST -> gRPC -> Dramatiq worker). One blob damaged (a byte flipped), one
-deleted: both are reported, by name, and the exit code says so."""
+DATABASE_URL, DATA_DIR and ARCHIVE_URL, output to a pipe, over an archive made
+by a real mbox import (REST -> gRPC -> Dramatiq worker). One blob damaged (a
+byte flipped), one deleted: both are reported, by name, and the exit code says
+so; with the local archive and with the S3 one (moto_server)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,15 @@ import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
-from ingestion_grpc.archive.blobstore import LocalBlobStore
-from ingestion_grpc.config import Settings
-from tests.support.rest import Rest
+import pytest
+
+from ingestion_grpc.archive.blobstore import LocalBlobStore, blob_store_from_settings
+from ingestion_grpc.archive.s3 import S3BlobStore
+from tests.support.s3 import credentials_in_environment
 from tests.support.sources import archived, create_source, settled
-from tests.support.workers import Worker
+from tests.support.stacks import Stack
 
 CLI = str(Path(sys.executable).parent / "ingestion-grpc")
 MESSAGES = 12
@@ -41,20 +43,17 @@ def _unique_mbox(path: Path) -> list[bytes]:
     return messages
 
 
-def verify(settings: Settings, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+def verify(stack: Stack, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    """The command with the stack's DATABASE_URL, DATA_DIR and ARCHIVE_URL (and, for
+    S3, its endpoint and credentials), as an operator's shell has them."""
     environment = {
         name: value
         for name, value in os.environ.items()
-        if name not in {"FORCE_COLOR", "TTY_COMPATIBLE", "DATABASE_URL", "DATA_DIR"}
+        if name not in {"FORCE_COLOR", "TTY_COMPATIBLE"}
     }
     return subprocess.run(
         [CLI, "verify", *args],
-        env={
-            **environment,
-            "DATABASE_URL": settings.database_url,
-            "DATA_DIR": str(settings.data_dir),
-            **extra,
-        },
+        env={**environment, **stack.environment, **extra},
         capture_output=True,  # a pipe: plain lines
         text=True,
         timeout=120,
@@ -62,24 +61,48 @@ def verify(settings: Settings, *args: str, **extra: str) -> subprocess.Completed
     )
 
 
-def test_verify_reports_a_damaged_and_a_missing_blob(
-    make_client: Callable[[str], Rest],
-    settings: Settings,
-    start_worker: Callable[[], Worker],
-) -> None:
-    user = make_client("user")
+class Damage:
+    """Flips a byte of one blob and deletes another, in whichever store the stack uses."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.settings = stack.settings
+        if stack.archive == "s3":
+            with credentials_in_environment():
+                self.store = blob_store_from_settings(stack.settings)
+        else:
+            self.store = blob_store_from_settings(stack.settings)
+
+    def flip_a_byte(self, sha256: str) -> bytes:
+        content = bytearray(self.store.read(sha256))
+        content[len(content) // 2] ^= 0x01
+        if isinstance(self.store, S3BlobStore):
+            # Not through the store: it would name the new bytes by their own digest.
+            self.store._client.put_object(
+                Bucket=self.store.bucket, Key=self.store.key(sha256), Body=bytes(content)
+            )
+        else:
+            assert isinstance(self.store, LocalBlobStore)
+            path = self.store.path(sha256)
+            path.chmod(0o644)
+            path.write_bytes(bytes(content))
+        return bytes(content)
+
+    def delete(self, sha256: str) -> None:
+        self.store.delete(sha256)
+
+
+@pytest.mark.parametrize("stack", ["local", "s3"], indirect=True)
+def test_verify_reports_a_damaged_and_a_missing_blob(stack: Stack) -> None:
+    settings = stack.settings
+    user = stack.make_client("user")
     folder = settings.import_root / f"verify-{uuid.uuid4().hex[:8]}"
     folder.mkdir(parents=True)
     try:
         mbox = folder / "verify.mbox"
         _unique_mbox(mbox)
-        start_worker()
-        source = create_source(
-            user,
-            "verify",
-            "mbox_import",
-            {"localFilePath": str(mbox.relative_to(settings.import_root))},
-        )
+        stack.start_worker()
+        config = {"localFilePath": str(mbox.relative_to(settings.import_root))}
+        source = create_source(user, "verify", "mbox_import", config)
         assert settled(user, source["id"])["status"] == "imported"
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -89,23 +112,19 @@ def test_verify_reports_a_damaged_and_a_missing_blob(
     sizes = {row["sha256"]: int(row["sizeBytes"]) for row in rows}
     total = sum(sizes.values())
 
-    whole = verify(settings, source_id)
+    whole = verify(stack, source_id)
     assert (whole.returncode, whole.stderr) == (0, "")
     assert whole.stdout.splitlines() == [
         f"verifying {MESSAGES} blobs ({total} bytes) of source {source_id}",
         f"checked {MESSAGES} blobs ({total} bytes): 0 missing, 0 damaged",
     ]
 
-    blobs = LocalBlobStore(settings.data_dir / "blobs")
+    damage = Damage(stack)
     damaged, missing = rows[3]["sha256"], rows[7]["sha256"]
-    damaged_path = blobs.path(damaged)
-    content = bytearray(damaged_path.read_bytes())
-    content[len(content) // 2] ^= 0x01
-    damaged_path.chmod(0o644)
-    damaged_path.write_bytes(bytes(content))
-    blobs.path(missing).unlink()
+    content = damage.flip_a_byte(damaged)
+    damage.delete(missing)
 
-    broken = verify(settings, source_id)
+    broken = verify(stack, source_id)
     assert (broken.returncode, broken.stderr) == (1, "")
     assert broken.stdout.splitlines() == [
         f"verifying {MESSAGES} blobs ({total} bytes) of source {source_id}",
@@ -117,16 +136,16 @@ def test_verify_reports_a_damaged_and_a_missing_blob(
 
     # Without a source id the whole archive is checked, these two blobs with the
     # rest; on a terminal (as rich sees it) with a progress bar.
-    everything = verify(settings, TTY_COMPATIBLE="1", COLUMNS="200")
+    everything = verify(stack, TTY_COMPATIBLE="1", COLUMNS="200")
     assert everything.returncode == 1
     assert " of every source" in everything.stdout
     assert broken.stdout.splitlines()[1] in everything.stdout
     assert broken.stdout.splitlines()[2] in everything.stdout
 
 
-def test_verify_of_an_unknown_source_is_a_usage_error(settings: Settings) -> None:
+def test_verify_of_an_unknown_source_is_a_usage_error(stack: Stack) -> None:
     unknown = str(uuid.uuid4())
-    done = verify(settings, unknown)
+    done = verify(stack, unknown)
     assert done.returncode == 2
     assert done.stderr == f"error: no source with id {unknown}\n"
     assert done.stdout == ""

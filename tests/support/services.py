@@ -3,6 +3,7 @@ namespace of our own, and the gRPC server running in this process."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import uuid
@@ -35,26 +36,44 @@ def _database_url(name: str) -> str:
     return f"{base}/{name}"
 
 
-@pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
-    """A database of this test run's own, dropped at the end."""
+@contextlib.contextmanager
+def new_database() -> Iterator[str]:
+    """A new, empty database; dropped on exit."""
     name = f"ingestion_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
-    yield _database_url(name)
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield _database_url(name)
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def new_queue_namespace() -> Iterator[str]:
+    """A Dramatiq namespace of its own; its keys are removed on exit."""
+    namespace = f"ingestion-test-{uuid.uuid4().hex[:12]}"
+    try:
+        yield namespace
+    finally:
+        client = redis.Redis.from_url(REDIS_URL)
+        for key in client.scan_iter(f"{namespace}:*"):
+            client.delete(key)
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A database of this test run's own, dropped at the end."""
+    with new_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
 def queue_namespace() -> Iterator[str]:
     """A Dramatiq namespace of this test run's own; its keys are removed after."""
-    namespace = f"ingestion-test-{uuid.uuid4().hex[:12]}"
-    yield namespace
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(f"{namespace}:*"):
-        client.delete(key)
-    client.close()
+    with new_queue_namespace() as namespace:
+        yield namespace
 
 
 @pytest.fixture(scope="session")
@@ -111,14 +130,13 @@ def admin(rest_url: str) -> Rest:
     return Rest(rest_url).login(ADMIN_EMAIL, ADMIN_PASSWORD)
 
 
-@pytest.fixture(scope="session")
-def make_client(grpc_server: RunningServer, rest_url: str) -> Callable[[str], Rest]:
-    """`make_client(role)`: a new user with that role, signed in over REST."""
+def client_maker(server: RunningServer, rest_url: str) -> Callable[[str], Rest]:
+    """`make(role)`: a new user of `server` with that role, signed in over REST."""
 
     def make(role: str) -> Rest:
         email = unique_email(role)
         password = secrets.token_urlsafe(12)
-        with grpc_server.database.unit_of_work() as uow:
+        with server.database.unit_of_work() as uow:
             create_user(uow, email, password, Role(role))
             uow.commit()
         client = Rest(rest_url).login(email, password)
@@ -126,6 +144,12 @@ def make_client(grpc_server: RunningServer, rest_url: str) -> Callable[[str], Re
         return client
 
     return make
+
+
+@pytest.fixture(scope="session")
+def make_client(grpc_server: RunningServer, rest_url: str) -> Callable[[str], Rest]:
+    """`make_client(role)`: a new user with that role, signed in over REST."""
+    return client_maker(grpc_server, rest_url)
 
 
 @pytest.fixture(params=["direct", "envoy"])

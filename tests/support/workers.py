@@ -3,6 +3,7 @@ tick run in the test process."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -59,19 +60,28 @@ class Worker:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-@pytest.fixture
-def start_worker(environment: dict[str, str], tmp_path: Path) -> Iterator[Callable[[], Worker]]:
-    """`start_worker()` starts one more worker; all are stopped after the test."""
+@contextlib.contextmanager
+def worker_starter(environment: dict[str, str], log_dir: Path) -> Iterator[Callable[[], Worker]]:
+    """`start()` starts one more worker with `environment`; all are stopped on exit."""
     workers: list[Worker] = []
 
     def start() -> Worker:
-        worker = Worker(environment, tmp_path / f"worker-{len(workers)}.log").start()
+        worker = Worker(environment, log_dir / f"worker-{len(workers)}.log").start()
         workers.append(worker)
         return worker
 
-    yield start
-    for worker in workers:
-        worker.stop()
+    try:
+        yield start
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
+@pytest.fixture
+def start_worker(environment: dict[str, str], tmp_path: Path) -> Iterator[Callable[[], Worker]]:
+    """`start_worker()` starts one more worker; all are stopped after the test."""
+    with worker_starter(environment, tmp_path) as start:
+        yield start
 
 
 @pytest.fixture(scope="session")

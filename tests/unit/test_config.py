@@ -4,6 +4,7 @@ from datetime import timedelta
 
 import pytest
 
+from ingestion_grpc import bootstrap
 from ingestion_grpc.config import ClientSettings, Settings, decode_encryption_key, parse_duration
 from ingestion_grpc.errors import ConfigurationError
 
@@ -86,3 +87,57 @@ def test_client_flags_win_and_bad_urls_name_where_they_came_from() -> None:
         ClientSettings.from_env({"INGESTION_URL": "ftp://x/y"})
     with pytest.raises(ConfigurationError, match="--url"):
         ClientSettings.from_env({}, url="http://host:99999")
+
+
+def test_archive_url_defaults_to_files_under_data_dir_and_accepts_s3() -> None:
+    assert Settings.from_env({**REQUIRED, "DATA_DIR": "/srv/archive"}).archive_url == (
+        "file:///srv/archive/blobs"
+    )
+    for given, normalised in (
+        ("file:///mnt/blobs/", "file:///mnt/blobs"),
+        ("s3://my-archive", "s3://my-archive"),
+        ("s3://my-archive/", "s3://my-archive"),
+        ("s3://my.archive-2/mail/prod/", "s3://my.archive-2/mail/prod"),
+    ):
+        settings = Settings.from_env({**REQUIRED, "ARCHIVE_URL": given})
+        assert settings.archive_url == normalised
+    chosen = Settings.from_env({**REQUIRED, "S3_ENDPOINT_URL": "http://minio:9000/"})
+    assert chosen.s3_endpoint_url == "http://minio:9000"
+    assert Settings.from_env(REQUIRED).s3_endpoint_url == ""
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "/srv/blobs",  # no scheme
+        "file://relative/path",
+        "ftp://host/x",
+        "s3://",  # no bucket
+        "s3:///prefix",
+        "s3://ab",  # too short
+        "s3://Upper-Case",
+        "s3://bad..bucket",
+        "s3://bucket/a//b",
+        "s3://bucket/../x",
+        "s3://bucket/x?versioning=1",
+    ],
+)
+def test_bad_archive_urls_name_the_variable(bad: str) -> None:
+    with pytest.raises(ConfigurationError, match="ARCHIVE_URL"):
+        Settings.from_env({**REQUIRED, "ARCHIVE_URL": bad})
+
+
+def test_a_bad_s3_endpoint_names_the_variable() -> None:
+    with pytest.raises(ConfigurationError, match="S3_ENDPOINT_URL"):
+        Settings.from_env({**REQUIRED, "S3_ENDPOINT_URL": "minio:9000"})
+
+
+def test_a_bad_archive_url_stops_the_start_with_one_line_and_status_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        bootstrap.settings_or_exit({**REQUIRED, "ARCHIVE_URL": "s3://"})
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert error.startswith("configuration error: ARCHIVE_URL must be")

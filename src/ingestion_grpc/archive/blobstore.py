@@ -6,8 +6,9 @@ make a blob durable before `put` / `put_many` returns: the caller commits the
 metadata row that names the blob right after, and a row must never point at
 bytes a crash could lose.
 
-Backends are named after where they keep the bytes (`LocalBlobStore`); the one
-in use is chosen by `blob_store_from_settings`.
+Backends are named after where they keep the bytes (`LocalBlobStore` here,
+`s3.S3BlobStore`); the one in use is chosen by `blob_store_from_settings`, from
+ARCHIVE_URL.
 """
 
 from __future__ import annotations
@@ -22,13 +23,18 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
+from urllib.parse import unquote, urlsplit
 
 from ingestion_grpc.errors import InvalidArgument, NotFound
 from ingestion_grpc.telemetry.metrics import BLOB_WRITE_SECONDS
+
+if TYPE_CHECKING:
+    from ingestion_grpc.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +73,18 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def is_digest(name: str) -> bool:
+    """Whether `name` is a well-formed blob name (64 lowercase hex characters)."""
+    return isinstance(name, str) and _DIGEST.fullmatch(name) is not None
+
+
 def check_digest(sha256: str) -> str:
     """Return `sha256` if it is a well-formed blob name, else raise InvalidDigest.
 
     Every backend calls this before using a name, so a name can never become a
     path outside the store (`../`, `/`, NUL) or a key it did not mean.
     """
-    if not isinstance(sha256, str) or _DIGEST.fullmatch(sha256) is None:
+    if not is_digest(sha256):
         raise InvalidDigest()
     return sha256
 
@@ -124,6 +135,46 @@ class BlobStore:
         """Remove the blob; removing one that is not stored is not an error."""
         raise NotImplementedError
 
+    def listing(self) -> Iterator[tuple[str, datetime]]:
+        """Yield `(name, last modified, in UTC)` of every stored blob, in no order.
+
+        For the orphan sweep, which leaves young blobs alone: a batch stores its
+        blobs before it commits the rows naming them.
+        """
+        raise NotImplementedError
+
+
+class ConcurrentCalls:
+    """A function over many arguments, `workers` at a time, on a pool started when
+    first needed; `inline_up_to` arguments or fewer run in the caller's thread."""
+
+    def __init__(self, workers: int, name: str, *, inline_up_to: int) -> None:
+        self._workers = workers
+        self._name = name
+        self._inline_up_to = inline_up_to
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def run_all(self, func: Callable[[_T], _R], args: Iterable[_T]) -> list[_R]:
+        """`func` of every argument, in order; raise the first error, but only
+        once every call has ended (none is left writing after a failure)."""
+        todo = list(args)
+        if len(todo) <= self._inline_up_to:  # not worth a thread hop
+            return [func(arg) for arg in todo]
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix=self._name)
+            pool = self._pool
+        futures = [pool.submit(func, arg) for arg in todo]
+        wait(futures)
+        return [future.result() for future in futures]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
+
 
 class LocalBlobStore(BlobStore):
     """Blobs as read-only files under `root`, at `root/ab/<sha256>`.
@@ -145,8 +196,7 @@ class LocalBlobStore(BlobStore):
         # Folders known to exist: blob folders are never removed, so each is
         # made (and looked for) once per process rather than once per blob.
         self._folders: set[str] = set()
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_lock = threading.Lock()
+        self._writers = ConcurrentCalls(_WRITERS, "blob-writer", inline_up_to=2)
 
     def path(self, sha256: str) -> Path:
         """Return where the blob lives (or would live)."""
@@ -170,7 +220,7 @@ class LocalBlobStore(BlobStore):
         names = [sha256_hex(data) for data in blobs]
         fsync_files = _syncfs is None
         unique = list(dict(zip(names, blobs, strict=True)).items())
-        created = self._run_all(
+        created = self._writers.run_all(
             functools.partial(self._store_all, fsync=fsync_files), _slices(unique, _WRITERS)
         )
         if not fsync_files:
@@ -183,7 +233,7 @@ class LocalBlobStore(BlobStore):
         # that crashed after its rename may have left the entry in memory only.
         dirs = dict.fromkeys(self._folder(name) for name in names)  # an ordered set
         dirs.update(dict.fromkeys(os.path.dirname(f) for folders in created for f in folders))
-        self._run_all(_fsync_dir, dirs)
+        self._writers.run_all(_fsync_dir, dirs)
         return names
 
     def open(self, sha256: str) -> BinaryIO:
@@ -209,6 +259,23 @@ class LocalBlobStore(BlobStore):
             return
         # Empty directories stay: removing one could race a concurrent put.
         _fsync_dir(final.parent)
+
+    def listing(self) -> Iterator[tuple[str, datetime]]:
+        try:
+            folders = list(os.scandir(self._root))
+        except FileNotFoundError:
+            return
+        for folder in folders:
+            if len(folder.name) != 2 or not folder.is_dir(follow_symlinks=False):
+                continue
+            with os.scandir(folder.path) as entries:
+                for entry in entries:
+                    if is_digest(entry.name) and entry.name[:2] == folder.name:
+                        try:
+                            modified = entry.stat(follow_symlinks=False).st_mtime
+                        except FileNotFoundError:  # deleted meanwhile
+                            continue
+                        yield entry.name, datetime.fromtimestamp(modified, UTC)
 
     def _ensure_root(self) -> None:
         if self._root_ready:
@@ -243,19 +310,6 @@ class LocalBlobStore(BlobStore):
             if not _holds(folder, name, len(data)):
                 _write_file(folder, name, data, fsync=fsync)
         return created
-
-    def _run_all(self, func: Callable[[_T], _R], args: Iterable[_T]) -> list[_R]:
-        """`func` of every argument, several at once; raise the first error, but
-        only once every call has ended (none is left writing after a failure)."""
-        todo = list(args)
-        if len(todo) <= 2:  # not worth a thread hop
-            return [func(arg) for arg in todo]
-        with self._pool_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(_WRITERS, thread_name_prefix="blob-writer")
-        futures = [self._pool.submit(func, arg) for arg in todo]
-        wait(futures)
-        return [future.result() for future in futures]
 
 
 def _holds(folder: str, name: str, size: int) -> bool:
@@ -323,13 +377,28 @@ def _sync_file_system(path: Path) -> None:
         os.close(fd)
 
 
-def blob_store_from_settings(data_dir: Path) -> BlobStore:
-    """Return the blob store the service uses: files under `data_dir / "blobs"`.
+def blob_store_from_settings(settings: Settings) -> BlobStore:
+    """Return the blob store ARCHIVE_URL names: see `blob_store_at`."""
+    return blob_store_at(settings.archive_url, settings.s3_endpoint_url, settings.data_dir)
 
-    This is the one place a backend is chosen; an S3-compatible store would be
-    selected here by configuration, and callers only see `BlobStore`.
+
+def blob_store_at(archive_url: str, s3_endpoint_url: str, data_dir: Path) -> BlobStore:
+    """Return the blob store `archive_url` names (config.parse_archive_url checked it):
+    `file:///path` (the default: DATA_DIR/blobs) or `s3://bucket/prefix`, at
+    `s3_endpoint_url` when set.
+
+    This is the one place a backend is chosen; callers only see `BlobStore`.
     """
-    return LocalBlobStore(Path(data_dir) / "blobs")
+    url = urlsplit(archive_url) if archive_url else None
+    if url is None:
+        return LocalBlobStore(Path(data_dir) / "blobs")
+    if url.scheme == "file":
+        return LocalBlobStore(Path(unquote(url.path)))
+    # Imported when chosen: the S3 backend builds on this module, and a process
+    # with a local archive never loads boto3.
+    from ingestion_grpc.archive.s3 import S3BlobStore, s3_client
+
+    return S3BlobStore(url.netloc, unquote(url.path), client=s3_client(s3_endpoint_url or None))
 
 
 def _create_temporary(folder: str, name: str) -> tuple[int, str]:

@@ -213,3 +213,23 @@ def unreferenced(uow: UnitOfWork, digests: set[str]) -> set[str]:
         )
     )
     return digests - referenced
+
+
+# The blob lock, a PostgreSQL advisory lock: a batch stores its blobs (skipping
+# those already stored) before it commits the rows naming them, so a blob with no
+# row may be one an uncommitted batch relies on. Batches hold the lock shared
+# from before they store blobs until they commit; whoever deletes blobs holds it
+# exclusively while it looks for rows and deletes, and so sees each such batch
+# either committed or not yet started (that one then stores the blob again).
+_BLOB_LOCK = 7_401_224
+
+
+def hold_blobs_for_batch(uow: UnitOfWork) -> None:
+    """Take the blob lock shared, until the transaction ends: before storing a batch's blobs."""
+    uow.session.execute(text("SELECT pg_advisory_xact_lock_shared(:key)"), {"key": _BLOB_LOCK})
+
+
+def hold_blobs_for_deleting(uow: UnitOfWork) -> None:
+    """Take the blob lock exclusively, until the transaction ends: waits for the
+    batches in flight to commit, and holds new ones back."""
+    uow.session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _BLOB_LOCK})

@@ -123,14 +123,21 @@ def check_blob(store: BlobStore, blob: CatalogBlob) -> tuple[int, BlobProblem | 
     digest = hashlib.sha256()
     length = 0
     try:
-        with store.open(blob.sha256) as reader:
+        reader = store.open(blob.sha256)
+    except BlobNotFound:
+        return 0, BlobProblem(blob, "missing")
+    # Any other error of open (the store is unreachable, access denied) ends the
+    # check: it says nothing about this blob.
+    try:
+        with reader:
             while chunk := reader.read(CHUNK_BYTES):
                 digest.update(chunk)
                 length += len(chunk)
-    except BlobNotFound:
-        return 0, BlobProblem(blob, "missing")
-    except OSError as error:  # EIO from a failing disk, EACCES: the bytes are not there to read
-        return length, BlobProblem(blob, "damaged", f"cannot be read: {error.strerror or error}")
+    except Exception as error:
+        # Whatever the store: EIO from a failing disk, S3's checksum check of the
+        # body (botocore's FlexibleChecksumError). The bytes cannot be read back.
+        reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+        return length, BlobProblem(blob, "damaged", f"cannot be read: {reason}")
     if length != blob.size_bytes or digest.hexdigest() != blob.sha256:
         detail = f"read {length} bytes with SHA-256 {digest.hexdigest()}"
         if length != blob.size_bytes:

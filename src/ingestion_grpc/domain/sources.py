@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import select, tuple_
 
-from ingestion_grpc.archive import catalog
+from ingestion_grpc.archive import catalog, sweep
 from ingestion_grpc.archive.blobstore import BlobStore
 from ingestion_grpc.auth.permissions import Principal
 from ingestion_grpc.crypto import CredentialCipher
@@ -195,12 +195,7 @@ class SourceService:
 
     def _delete_unreferenced_blobs(self, digests: set[str]) -> None:
         """Blobs shared with another source's rows stay; the rest go."""
-        ordered = sorted(digests)
-        for start in range(0, len(ordered), 1000):
-            with self._database.unit_of_work() as uow:
-                orphans = catalog.unreferenced(uow, set(ordered[start : start + 1000]))
-            for digest in orphans:
-                self._blobs.delete(digest)
+        sweep.delete_unreferenced(self._database, self._blobs, sorted(digests))
 
     def pause(self, uow: UnitOfWork, principal: Principal, source_id: str) -> IngestionSource:
         source = self.get(uow, principal, source_id)

@@ -24,7 +24,13 @@ from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert
 
 from ingestion_grpc.archive.blobstore import sha256_hex
-from ingestion_grpc.archive.catalog import BatchOutcome, add_folders, archived_ids, record_batch
+from ingestion_grpc.archive.catalog import (
+    BatchOutcome,
+    add_folders,
+    archived_ids,
+    hold_blobs_for_batch,
+    record_batch,
+)
 from ingestion_grpc.db.models import IngestionSource, MailboxCursor, RunMailbox, SyncSession
 from ingestion_grpc.db.session import Database, UnitOfWork
 from ingestion_grpc.domain import lifecycle
@@ -175,9 +181,11 @@ def _ingest(
     with reader as batches, ThreadPoolExecutor(1, thread_name_prefix="blobs") as blob_writer:
         for batch in batches:
             raws = [m.raw for m in batch.messages]
-            blobs_stored = blob_writer.submit(ctx.blobs.put_many, raws) if raws else None
             stop: str | None = None
             with ctx.database.unit_of_work() as uow:
+                # No blob is deleted from here to the commit (archive/sweep.py).
+                hold_blobs_for_batch(uow)
+                blobs_stored = blob_writer.submit(ctx.blobs.put_many, raws) if raws else None
                 # The rows are written while the blobs are, but committed only
                 # once every blob is durable.
                 outcome = record_batch(

@@ -1,4 +1,5 @@
-"""The scheduler: periodic syncs, and the watchdog that revives lost work.
+"""The scheduler: periodic syncs, the watchdog that revives lost work, and now
+and then the sweep of orphaned blobs (archive/sweep.py).
 
 `python -m ingestion_grpc.engine.scheduler` ticks every SCHEDULER_TICK. Any
 number may run at once: every decision is a conditional UPDATE in PostgreSQL
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
+from ingestion_grpc.archive.sweep import PeriodicSweep
 from ingestion_grpc.domain import lifecycle
 from ingestion_grpc.engine.context import EngineContext
 from ingestion_grpc.engine.runs import finish_if_complete
@@ -67,9 +69,11 @@ class Stopping(Protocol):
 def run_forever(ctx: EngineContext, every_seconds: float, stopping: Stopping) -> None:
     """Tick until `stopping` is set; a failed tick is logged and tried again."""
     log.info("scheduler ticking every %g s", every_seconds)
+    orphans = PeriodicSweep()
     while not stopping.is_set():
         try:
             tick(ctx)
+            orphans.run_if_due(ctx.database, ctx.blobs)
         except Exception:
             log.exception("scheduler tick failed; trying again next tick")
         stopping.wait(every_seconds)

@@ -8,7 +8,7 @@ import inspect
 import itertools
 import os
 import stat
-from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -22,13 +22,21 @@ from ingestion_grpc.archive.blobstore import (
     blob_store_from_settings,
     sha256_hex,
 )
+from ingestion_grpc.config import Settings
 from ingestion_grpc.errors import InvalidArgument, NotFound
+from tests.support.s3 import S3Archive
 
-# Every implementation, built on a fresh temporary directory.
-IMPLEMENTATIONS: list[Callable[[Path], BlobStore]] = [
-    lambda tmp: LocalBlobStore(tmp / "blobs"),
-]
-IMPLEMENTATION_IDS = ["LocalBlobStore"]
+# Every implementation: on a fresh temporary directory, or a new bucket of the
+# session's S3-protocol server (moto_server, tests/support/s3.py).
+IMPLEMENTATIONS = ["local", "s3"]
+
+
+def _new_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
+    if kind == "local":
+        return LocalBlobStore(tmp_path / "blobs")
+    archive: S3Archive = request.getfixturevalue("s3_archive")
+    return archive.store()
+
 
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 MISSING = "0" * 64
@@ -46,10 +54,9 @@ BAD_DIGESTS = [
 ]
 
 
-@pytest.fixture(params=IMPLEMENTATIONS, ids=IMPLEMENTATION_IDS)
+@pytest.fixture(params=IMPLEMENTATIONS)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
-    factory: Callable[[Path], BlobStore] = request.param
-    return factory(tmp_path)
+    return _new_store(request.param, request, tmp_path)
 
 
 # The interface
@@ -64,17 +71,14 @@ def _abstract_methods() -> list[str]:
 
 
 def test_the_interface_is_small_and_documented() -> None:
-    assert sorted(_abstract_methods()) == ["delete", "exists", "open", "put", "size"]
+    assert sorted(_abstract_methods()) == ["delete", "exists", "listing", "open", "put", "size"]
     for name, member in vars(BlobStore).items():
         if inspect.isfunction(member):
             assert member.__doc__, f"BlobStore.{name} has no docstring"
 
 
-@pytest.mark.parametrize("factory", IMPLEMENTATIONS, ids=IMPLEMENTATION_IDS)
-def test_implementation_matches_interface(
-    factory: Callable[[Path], BlobStore], tmp_path: Path
-) -> None:
-    cls = type(factory(tmp_path))
+def test_implementation_matches_interface(store: BlobStore) -> None:
+    cls = type(store)
     assert issubclass(cls, BlobStore)
     for name in _abstract_methods():
         assert getattr(cls, name) is not getattr(BlobStore, name), f"{cls.__name__}.{name}"
@@ -271,12 +275,39 @@ def test_local_failed_batch_leaves_no_temporary_files(
         assert sha256_hex(path.read_bytes()) == path.name
 
 
-def test_blob_store_from_settings(tmp_path: Path) -> None:
-    store = blob_store_from_settings(tmp_path)
+REQUIRED_SETTINGS = {
+    "DATABASE_URL": "postgresql://db",
+    "REDIS_URL": "redis://r",
+    "JWT_SECRET": "s" * 32,
+    "ENCRYPTION_KEY": "ab" * 32,
+}
+
+
+def test_blob_store_from_settings_defaults_to_files_under_data_dir(tmp_path: Path) -> None:
+    store = blob_store_from_settings(
+        Settings.from_env({**REQUIRED_SETTINGS, "DATA_DIR": str(tmp_path)})
+    )
     assert isinstance(store, LocalBlobStore)
     assert store.root == tmp_path / "blobs"
     digest = store.put(b"configured")
     assert (tmp_path / "blobs" / digest[:2] / digest).is_file()
+    elsewhere = tmp_path / "other place"
+    chosen = blob_store_from_settings(
+        Settings.from_env({**REQUIRED_SETTINGS, "ARCHIVE_URL": elsewhere.as_uri()})
+    )
+    assert isinstance(chosen, LocalBlobStore)
+    assert chosen.root == elsewhere
+
+
+def test_local_listing_skips_what_is_not_a_blob(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path)
+    digest = store.put(b"listed")
+    (store.path(digest).parent / f".{digest[:16]}.1-1.tmp").write_bytes(b"half")
+    (tmp_path / "README").write_text("not a blob")
+    misplaced = tmp_path / "zz" / sha256_hex(b"elsewhere")
+    misplaced.parent.mkdir()
+    misplaced.write_bytes(b"elsewhere")
+    assert [name for name, _ in store.listing()] == [digest]
 
 
 @pytest.mark.skipif(blobstore._syncfs is None, reason="no syncfs(2) on this platform")
@@ -301,3 +332,31 @@ def test_local_put_many_syncs_the_file_system_after_the_last_rename(
     digests = store.put_many(blobs)
     assert events == ["replace"] * 300 + [f"syncfs {store.root}"]
     assert [store.read(d) for d in digests] == blobs
+
+
+# Conformance, continued: reading in pieces, and the listing the orphan sweep uses
+
+
+def test_open_reads_in_pieces(store: BlobStore) -> None:
+    data = os.urandom((2 << 20) + 17)
+    digest = store.put(data)
+    pieces = []
+    with store.open(digest) as blob:
+        while piece := blob.read(1 << 20):
+            assert len(piece) <= 1 << 20
+            pieces.append(piece)
+    assert len(pieces) == 3
+    assert b"".join(pieces) == data
+
+
+def test_listing_names_every_blob_with_its_time(store: BlobStore) -> None:
+    assert list(store.listing()) == []
+    before = datetime.now(UTC) - timedelta(seconds=2)
+    digests = store.put_many([b"one", b"two", b"three"])
+    store.delete(digests[1])
+    after = datetime.now(UTC) + timedelta(seconds=2)
+    listed = dict(store.listing())
+    assert set(listed) == {digests[0], digests[2]}
+    for modified in listed.values():
+        assert modified.tzinfo is not None
+        assert before <= modified <= after

@@ -1,0 +1,129 @@
+"""What only the S3 backend promises, against a real S3-protocol server
+(moto_server): its key layout, the SHA-256 sent with every PUT, no PUT for a blob
+already stored, and outages as `Unavailable`, never as a missing blob.
+(The conformance suite in test_blobstore.py runs against it too.)"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from ingestion_grpc.archive.blobstore import BlobNotFound, blob_store_from_settings, sha256_hex
+from ingestion_grpc.archive.s3 import BlobStoreUnavailable, S3BlobStore, s3_client
+from ingestion_grpc.config import Settings
+from ingestion_grpc.errors import Unavailable
+from tests.support.envoy import free_port
+from tests.support.s3 import CREDENTIALS, S3Archive, credentials_in_environment
+
+REQUIRED_SETTINGS = {
+    "DATABASE_URL": "postgresql://db",
+    "REDIS_URL": "redis://r",
+    "JWT_SECRET": "s" * 32,
+    "ENCRYPTION_KEY": "ab" * 32,
+}
+
+
+@pytest.fixture
+def store(s3_archive: S3Archive) -> Iterator[S3BlobStore]:
+    store = s3_archive.store()
+    yield store
+    store.close()
+
+
+def _puts(store: S3BlobStore) -> list[dict[str, Any]]:
+    """The parameters of every PutObject the store's client sends from now on."""
+    sent: list[dict[str, Any]] = []
+    store._client.meta.events.register(
+        "provide-client-params.s3.PutObject", lambda params, **_: sent.append(dict(params))
+    )
+    return sent
+
+
+def test_keys_are_prefix_folder_digest(s3_archive: S3Archive, store: S3BlobStore) -> None:
+    digest = store.put(b"layout")
+    listed = s3_archive.client.list_objects_v2(Bucket=s3_archive.bucket)["Contents"]
+    assert [item["Key"] for item in listed] == [f"archive/{digest[:2]}/{digest}"]
+    assert store.key(digest) == f"archive/{digest[:2]}/{digest}"
+    assert S3BlobStore("b-b", "", client=s3_archive.client).key(digest) == f"{digest[:2]}/{digest}"
+
+
+def test_every_put_sends_the_sha256_and_the_store_keeps_it(
+    s3_archive: S3Archive, store: S3BlobStore
+) -> None:
+    puts = _puts(store)
+    data = b"From: a@example.com\r\n\r\nchecked\r\n"
+    digest = store.put(data)
+    expected = base64.b64encode(hashlib.sha256(data).digest()).decode()
+    assert [(p["Key"], p["ChecksumSHA256"], p["ChecksumAlgorithm"]) for p in puts] == [
+        (store.key(digest), expected, "SHA256")
+    ]
+    head = s3_archive.client.head_object(
+        Bucket=s3_archive.bucket, Key=store.key(digest), ChecksumMode="ENABLED"
+    )
+    assert head["ChecksumSHA256"] == expected
+    assert head["ContentLength"] == len(data)
+
+
+def test_a_stored_blob_is_not_sent_again(store: S3BlobStore) -> None:
+    blobs = [f"message {i}".encode() for i in range(20)]
+    store.put_many(blobs[:10])
+    puts = _puts(store)
+    assert store.put_many(blobs) == [sha256_hex(b) for b in blobs]
+    assert sorted(p["Key"] for p in puts) == sorted(store.key(sha256_hex(b)) for b in blobs[10:])
+
+
+def test_a_damaged_object_is_rewritten(s3_archive: S3Archive, store: S3BlobStore) -> None:
+    data = b"whole message"
+    digest = sha256_hex(data)
+    s3_archive.client.put_object(Bucket=s3_archive.bucket, Key=store.key(digest), Body=b"whole")
+    assert store.put(data) == digest
+    assert store.read(digest) == data
+
+
+def test_listing_ignores_other_keys(s3_archive: S3Archive, store: S3BlobStore) -> None:
+    digest = store.put(b"mine")
+    other = sha256_hex(b"other")
+    for key in (
+        f"other-prefix/{other[:2]}/{other}",  # another archive in the same bucket
+        f"archive/zz/{other}",  # not where a blob goes
+        "archive/README",
+    ):
+        s3_archive.client.put_object(Bucket=s3_archive.bucket, Key=key, Body=b"other")
+    assert [name for name, _ in store.listing()] == [digest]
+
+
+def test_a_missing_bucket_is_an_outage_not_a_missing_blob(s3_archive: S3Archive) -> None:
+    store = S3BlobStore("no-such-bucket-here", "archive", client=s3_archive.client)
+    with pytest.raises(BlobStoreUnavailable, match="no-such-bucket-here") as raised:
+        store.put(b"nowhere to go")
+    assert not isinstance(raised.value, BlobNotFound)
+    with pytest.raises(BlobStoreUnavailable):
+        store.open(sha256_hex(b"x"))
+    with pytest.raises(BlobStoreUnavailable):
+        list(store.listing())
+
+
+def test_an_unreachable_store_is_unavailable_and_names_no_credential() -> None:
+    with credentials_in_environment():
+        client = s3_client(f"http://127.0.0.1:{free_port()}", max_attempts=1)
+    store = S3BlobStore("archive", "", client=client)
+    for call in (lambda: store.put(b"x"), lambda: store.read(sha256_hex(b"x"))):
+        with pytest.raises(Unavailable) as raised:
+            call()
+        for secret in CREDENTIALS.values():
+            assert secret not in str(raised.value)
+
+
+def test_blob_store_from_settings_chooses_s3(s3_archive: S3Archive) -> None:
+    with credentials_in_environment():
+        store = blob_store_from_settings(
+            Settings.from_env({**REQUIRED_SETTINGS, **s3_archive.environment})
+        )
+    assert isinstance(store, S3BlobStore)
+    assert (store.bucket, store.prefix) == (s3_archive.bucket, "archive")
+    digest = store.put(b"configured")
+    assert s3_archive.store().read(digest) == b"configured"
