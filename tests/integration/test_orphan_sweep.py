@@ -5,6 +5,7 @@ to name (the sweep waits for it)."""
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from sqlalchemy import delete, text
 
 from ingestion_grpc.archive.blobstore import BlobStore, LocalBlobStore
 from ingestion_grpc.archive.catalog import hold_blobs_for_batch, record_batch
-from ingestion_grpc.archive.sweep import delete_unreferenced, sweep_orphans
+from ingestion_grpc.archive.sweep import PeriodicSweep, delete_unreferenced, sweep_orphans
 from ingestion_grpc.db.models import IngestionSource, User
 from ingestion_grpc.db.session import Database
 from ingestion_grpc.providers.base import FetchedMessage
@@ -143,3 +144,25 @@ def _waiting_for_advisory_lock(database: Database) -> bool:
             text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
         )
     return bool(waiting)
+
+
+def test_the_scheduler_sweeps_at_its_start_then_every_period(
+    database: Database, tmp_path: Path
+) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    sweep = PeriodicSweep(every_seconds=3600)
+
+    def old_orphan() -> str:
+        [digest] = store.put_many([_message("orphan")])
+        two_hours_ago = (datetime.now(UTC) - 2 * HOUR).timestamp()
+        os.utime(store.path(digest), (two_hours_ago, two_hours_ago))
+        return digest
+
+    first = old_orphan()
+    young = store.put(_message("young orphan"))
+    sweep.run_if_due(database, store)
+    assert _stored(store) == {young}
+    second = old_orphan()
+    sweep.run_if_due(database, store)  # not due for an hour
+    assert _stored(store) == {young, second}
+    assert first not in _stored(store)

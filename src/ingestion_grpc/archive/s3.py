@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -36,6 +37,8 @@ from ingestion_grpc.errors import Unavailable
 from ingestion_grpc.telemetry.metrics import BLOB_WRITE_SECONDS
 
 if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+    from botocore.response import StreamingBody
     from mypy_boto3_s3 import S3Client
 
 log = logging.getLogger(__name__)
@@ -112,9 +115,7 @@ class S3BlobStore(BlobStore):
             raise self._translated(error, sha256) from None
         except BotoCoreError as error:
             raise self._unreachable(error) from None
-        # botocore's StreamingBody is an io.IOBase with read(size) and a context
-        # manager: what BinaryIO callers use.
-        return cast(BinaryIO, response["Body"])
+        return cast(BinaryIO, _ObjectBody(response["Body"], f"blob {sha256}"))
 
     def exists(self, sha256: str) -> bool:
         return self._stored_size(self.key(sha256)) is not None
@@ -223,6 +224,44 @@ class S3BlobStore(BlobStore):
     def _unreachable(self, error: BotoCoreError) -> Exception:
         # botocore's messages name the endpoint and the problem, never a secret.
         return BlobStoreUnavailable(f"object store bucket {self.bucket}: {error}")
+
+
+class _ObjectBody(io.RawIOBase):
+    """An object's body as a binary file that reads through botocore's stream.
+
+    botocore's StreamingBody checks the length and the stored SHA-256 as it is
+    read, but its context manager hands out the raw urllib3 stream, which checks
+    neither; this one reads through it whatever way it is used. A failure while
+    reading (a dropped connection, a body that does not match its SHA-256) is
+    BlobStoreUnavailable, never a short or wrong message.
+    """
+
+    def __init__(self, body: StreamingBody, what: str) -> None:
+        super().__init__()
+        self._body = body
+        self._what = what
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        try:
+            return self._body.read(None if size is None or size < 0 else size)
+        except BotoCoreError as error:
+            raise BlobStoreUnavailable(f"reading {self._what}: {error}") from None
+
+    def readall(self) -> bytes:
+        return self.read()
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        target = memoryview(buffer).cast("B")
+        data = self.read(len(target))
+        target[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._body.close()
+        super().close()
 
 
 def _is_not_found(error: ClientError) -> bool:

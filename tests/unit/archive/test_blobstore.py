@@ -8,6 +8,7 @@ import inspect
 import itertools
 import os
 import stat
+import tracemalloc
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -360,3 +361,21 @@ def test_listing_names_every_blob_with_its_time(store: BlobStore) -> None:
     for modified in listed.values():
         assert modified.tzinfo is not None
         assert before <= modified <= after
+
+
+def test_reading_in_pieces_never_holds_the_whole_blob(store: BlobStore) -> None:
+    """A large message streams: memory while reading it is a piece, not the blob."""
+    data = os.urandom(12 << 20)
+    digest = store.put(data)
+    del data
+    tracemalloc.start()
+    try:
+        with store.open(digest) as blob:
+            hashed = hashlib.sha256()
+            while piece := blob.read(1 << 20):
+                hashed.update(piece)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert hashed.hexdigest() == digest
+    assert peak < 6 << 20

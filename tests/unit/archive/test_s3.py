@@ -34,13 +34,19 @@ def store(s3_archive: S3Archive) -> Iterator[S3BlobStore]:
     store.close()
 
 
-def _puts(store: S3BlobStore) -> list[dict[str, Any]]:
-    """The parameters of every PutObject the store's client sends from now on."""
+@pytest.fixture
+def puts(s3_archive: S3Archive) -> Iterator[list[dict[str, Any]]]:
+    """The parameters of every PutObject the test's stores send (botocore's own
+    event hook on the client they use; removed after the test)."""
     sent: list[dict[str, Any]] = []
-    store._client.meta.events.register(
-        "provide-client-params.s3.PutObject", lambda params, **_: sent.append(dict(params))
-    )
-    return sent
+
+    def record(params: dict[str, Any], **_: Any) -> None:
+        sent.append(dict(params))
+
+    events = s3_archive.client.meta.events
+    events.register("provide-client-params.s3.PutObject", record)
+    yield sent
+    events.unregister("provide-client-params.s3.PutObject", record)
 
 
 def test_keys_are_prefix_folder_digest(s3_archive: S3Archive, store: S3BlobStore) -> None:
@@ -52,9 +58,8 @@ def test_keys_are_prefix_folder_digest(s3_archive: S3Archive, store: S3BlobStore
 
 
 def test_every_put_sends_the_sha256_and_the_store_keeps_it(
-    s3_archive: S3Archive, store: S3BlobStore
+    s3_archive: S3Archive, store: S3BlobStore, puts: list[dict[str, Any]]
 ) -> None:
-    puts = _puts(store)
     data = b"From: a@example.com\r\n\r\nchecked\r\n"
     digest = store.put(data)
     expected = base64.b64encode(hashlib.sha256(data).digest()).decode()
@@ -68,10 +73,10 @@ def test_every_put_sends_the_sha256_and_the_store_keeps_it(
     assert head["ContentLength"] == len(data)
 
 
-def test_a_stored_blob_is_not_sent_again(store: S3BlobStore) -> None:
+def test_a_stored_blob_is_not_sent_again(store: S3BlobStore, puts: list[dict[str, Any]]) -> None:
     blobs = [f"message {i}".encode() for i in range(20)]
     store.put_many(blobs[:10])
-    puts = _puts(store)
+    puts.clear()
     assert store.put_many(blobs) == [sha256_hex(b) for b in blobs]
     assert sorted(p["Key"] for p in puts) == sorted(store.key(sha256_hex(b)) for b in blobs[10:])
 
@@ -127,3 +132,23 @@ def test_blob_store_from_settings_chooses_s3(s3_archive: S3Archive) -> None:
     assert (store.bucket, store.prefix) == (s3_archive.bucket, "archive")
     digest = store.put(b"configured")
     assert s3_archive.store().read(digest) == b"configured"
+
+
+def test_a_body_that_does_not_match_its_stored_sha256_is_refused_on_read(
+    s3_archive: S3Archive, store: S3BlobStore
+) -> None:
+    """moto keeps whatever checksum a PUT claims (S3 would refuse the PUT): the
+    read notices, and fails like an outage rather than serving the wrong bytes."""
+    digest = sha256_hex(b"the real message")
+    s3_archive.client.put_object(
+        Bucket=s3_archive.bucket,
+        Key=store.key(digest),
+        Body=b"other bytes here",
+        ChecksumAlgorithm="SHA256",
+        ChecksumSHA256=base64.b64encode(bytes.fromhex(digest)).decode(),
+    )
+    with pytest.raises(BlobStoreUnavailable, match="checksum"):
+        store.read(digest)
+    with store.open(digest) as blob, pytest.raises(BlobStoreUnavailable, match="checksum"):
+        while blob.read(4):
+            pass
