@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 CLI = str(Path(sys.executable).parent / "ingestion-grpc")
 # The promise to an operator: a stop completes within this.
 STOP_WITHIN = 30.0
-QUICK_ROUNDS = 10
+QUICK_ROUNDS = 8
 READY_ROUNDS = 1
 
 
