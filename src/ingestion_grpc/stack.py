@@ -91,13 +91,13 @@ def _sqlalchemy_url(uri: str) -> str:
 
 
 def _alive(pid: int) -> bool:
+    """Whether `pid` runs: a zombie (a killed stack not yet reaped) does not."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:  # alive, someone else's
+    except psutil.AccessDenied:  # alive, someone else's
         return True
-    return True
 
 
 def _live_handles(pgdata: Path) -> list[int]:
