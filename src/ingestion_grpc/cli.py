@@ -6,6 +6,7 @@ ingestion-grpc worker --processes 2 --threads 4     a Dramatiq worker alone
 ingestion-grpc scheduler                            the scheduler alone
 ingestion-grpc envoy --upstream 10.0.0.5:50051 ...  Envoy alone, before gRPC servers
 ingestion-grpc create-user EMAIL --role user        prompts for the password
+ingestion-grpc verify [SOURCE_ID]                   re-read and check every archived blob
 
 and the client commands of a running service (`client/commands.py`):
 ingestion-grpc sources list|show|create|watch|pause|resume|sync ...
@@ -61,6 +62,15 @@ def _create_user(args: argparse.Namespace) -> int:
             database.dispose()
     print(f"created {user.role} {user.email} ({user.id})")
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from ingestion_grpc import verify_command
+    from ingestion_grpc.client.output import Output
+
+    data_dir = Path(os.environ.get("DATA_DIR", "./data")).resolve()
+    with _database_url() as url:
+        return verify_command.run(url, data_dir, args.source_id, Output())
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -133,12 +143,11 @@ def _positive(text: str) -> int:
 
 def _scheduler(args: argparse.Namespace) -> int:
     import signal
-    import threading
-    from types import FrameType
 
     from ingestion_grpc import bootstrap
     from ingestion_grpc.db.migrate import upgrade_to_head
     from ingestion_grpc.engine.scheduler import run_forever
+    from ingestion_grpc.stop_request import StopRequest
 
     settings = bootstrap.settings_or_exit()
     bootstrap.configure_logging(settings)
@@ -146,14 +155,8 @@ def _scheduler(args: argparse.Namespace) -> int:
     ctx = bootstrap.engine_context(settings, bootstrap.job_queue(settings))
     # The scheduler may start before any server: the schema must exist first.
     upgrade_to_head(ctx.database.engine)
-    stopping = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    run_forever(ctx, settings.scheduler_tick.total_seconds(), stopping)
+    with StopRequest().installed((signal.SIGTERM, signal.SIGINT)) as stopping:
+        run_forever(ctx, settings.scheduler_tick.total_seconds(), stopping)
     ctx.database.dispose()
     return 0
 
@@ -191,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     user.add_argument("email")
     user.add_argument("--role", choices=[r.value for r in Role], default=Role.USER.value)
     user.set_defaults(handler=_create_user)
+    checked = commands.add_parser(
+        "verify",
+        help="re-read every archived blob and check its SHA-256 and size against the catalog",
+    )
+    checked.add_argument("source_id", nargs="?", help="only this source's blobs")
+    checked.set_defaults(handler=_verify)
     client_commands.register(commands)
     args = parser.parse_args(argv)
     result: int = args.handler(args)

@@ -221,7 +221,7 @@ class Settings:
         """Every variable, read and checked; ConfigurationError names a bad one."""
         data_dir = Path(environ.get("DATA_DIR", "./data")).resolve()
         google = environ.get("GOOGLE_API_ENDPOINT", "").strip()
-        s3_endpoint = environ.get("S3_ENDPOINT_URL", "").strip()
+        archive_url, s3_endpoint_url = archive_location(environ, data_dir)
         return cls(
             data_dir=data_dir,
             database_url=_required(environ, "DATABASE_URL"),
@@ -263,11 +263,8 @@ class Settings:
             provider_plugins=tuple(
                 p.strip() for p in environ.get("PROVIDER_PLUGINS", "").split(",") if p.strip()
             ),
-            archive_url=parse_archive_url(
-                environ.get("ARCHIVE_URL", "").strip() or f"file://{quote(str(data_dir))}/blobs",
-                "ARCHIVE_URL",
-            ),
-            s3_endpoint_url=parse_url(s3_endpoint, "S3_ENDPOINT_URL") if s3_endpoint else "",
+            archive_url=archive_url,
+            s3_endpoint_url=s3_endpoint_url,
             upload_ttl=parse_duration(environ.get("UPLOAD_TTL", "24h"), "UPLOAD_TTL"),
             login_max_failures_per_account=parse_count(
                 environ.get("LOGIN_MAX_FAILURES_PER_ACCOUNT", "10"),
@@ -284,6 +281,18 @@ class Settings:
                 environ.get("TRUSTED_PROXIES", "127.0.0.0/8,::1"), "TRUSTED_PROXIES"
             ),
         )
+
+
+def archive_location(environ: Environ, data_dir: Path) -> tuple[str, str]:
+    """ARCHIVE_URL (default: DATA_DIR/blobs) and S3_ENDPOINT_URL, checked: for
+    Settings, and for `verify`, which reads the archive without the service's
+    other settings."""
+    s3_endpoint = environ.get("S3_ENDPOINT_URL", "").strip()
+    archive_url = parse_archive_url(
+        environ.get("ARCHIVE_URL", "").strip() or f"file://{quote(str(data_dir))}/blobs",
+        "ARCHIVE_URL",
+    )
+    return archive_url, parse_url(s3_endpoint, "S3_ENDPOINT_URL") if s3_endpoint else ""
 
 
 LIMIT_PREFIX = "LIMIT_"

@@ -13,7 +13,6 @@ import threading
 from concurrent import futures
 from dataclasses import dataclass
 from datetime import timedelta
-from types import FrameType
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -51,6 +50,7 @@ from ingestion_grpc.db.session import Database, ping
 from ingestion_grpc.domain.lifecycle import JobQueue
 from ingestion_grpc.domain.settings import ensure_settings
 from ingestion_grpc.domain.uploads import UploadStore
+from ingestion_grpc.stop_request import StopRequest
 from ingestion_grpc.telemetry import exposition
 
 log = logging.getLogger(__name__)
@@ -235,16 +235,11 @@ def main() -> None:
         "gRPC server listening on port %d; metrics on port %d", running.port, running.metrics_port
     )
 
-    stopping = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    stopping.wait()
-    log.info("shutting down")
-    running.stop()
+    # No lock in the handler: a second SIGTERM could otherwise deadlock it (stop_request.py).
+    with StopRequest().installed((signal.SIGTERM, signal.SIGINT)) as stopping:
+        stopping.wait()
+        log.info("shutting down")
+        running.stop()
 
 
 if __name__ == "__main__":

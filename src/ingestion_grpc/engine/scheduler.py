@@ -11,7 +11,7 @@ never starts twice.
 from __future__ import annotations
 
 import logging
-import threading
+from typing import Protocol
 
 from ingestion_grpc.archive.sweep import PeriodicSweep
 from ingestion_grpc.domain import lifecycle
@@ -65,7 +65,15 @@ def revive_lost_mailboxes(ctx: EngineContext, *, queue_emptied: bool = False) ->
         uow.commit()
 
 
-def run_forever(ctx: EngineContext, every_seconds: float, stopping: threading.Event) -> None:
+class Stopping(Protocol):
+    """What `run_forever` waits on: a `threading.Event` or a `StopRequest`."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+def run_forever(ctx: EngineContext, every_seconds: float, stopping: Stopping) -> None:
     """Tick until `stopping` is set; a failed tick is logged and tried again."""
     log.info("scheduler ticking every %g s", every_seconds)
     orphans = PeriodicSweep()
