@@ -44,8 +44,8 @@ HUNG_BATCH_SECONDS = 3600.0
 class MailboxHeartbeat:
     """Reports `claim` alive while the job runs (use as a context manager).
 
-    The job calls `batch_committed()` after each batch, and asks `lost` before
-    storing the next one.
+    The job calls `batch_committed()` after each batch, asks `lost` before
+    storing the next one, and `stop()`s it once it handed the mailbox back.
     """
 
     def __init__(
@@ -79,6 +79,11 @@ class MailboxHeartbeat:
     def batch_committed(self) -> None:
         self._batch_started = time.monotonic()
 
+    def stop(self) -> None:
+        """No more beats: the job has handed the mailbox back (it may still be
+        waiting for a batch being read ahead)."""
+        self._stopping.set()
+
     def __enter__(self) -> MailboxHeartbeat:
         self._thread.start()
         return self
@@ -89,7 +94,7 @@ class MailboxHeartbeat:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._stopping.set()
+        self.stop()
         self._thread.join()
 
     def _beat(self) -> None:

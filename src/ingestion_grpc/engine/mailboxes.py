@@ -230,6 +230,7 @@ def _ingest(
             counts.count(provider.name)
             heartbeat.batch_committed()
             if stop is not None:
+                heartbeat.stop()
                 raise Released(stop)
 
 
