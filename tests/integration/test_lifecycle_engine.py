@@ -5,16 +5,16 @@ mailboxes and its source go through, one job at a time, in the order a test says
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 
 from ingestion_grpc import bootstrap
-from ingestion_grpc.archive.blobstore import LocalBlobStore
+from ingestion_grpc.archive.blobstore import LocalBlobStore, sha256_hex
 from ingestion_grpc.config import Settings
 from ingestion_grpc.crypto import CredentialCipher
 from ingestion_grpc.db.models import IngestionSource, RunMailbox, SyncSession, User, new_id
@@ -23,6 +23,7 @@ from ingestion_grpc.domain import lifecycle
 from ingestion_grpc.domain.lifecycle import JobQueue, RunKind, SourceStatus
 from ingestion_grpc.engine import mailboxes, runs, scheduler
 from ingestion_grpc.engine.context import EngineContext
+from ingestion_grpc.engine.heartbeat import MailboxHeartbeat
 from ingestion_grpc.errors import Conflict, MailboxUnavailable, Unavailable
 from ingestion_grpc.providers.base import (
     MAX_CONCURRENT_MAILBOXES_FIELD,
@@ -36,6 +37,7 @@ from ingestion_grpc.providers.base import (
 )
 from ingestion_grpc.providers.registry import register
 from tests.support.fetch_context import LocalLimiter
+from tests.support.polling import wait_for
 
 
 class InMemoryQueue(JobQueue):
@@ -65,6 +67,8 @@ class InMemoryQueue(JobQueue):
 
 # {box: {mailbox id: [raw messages]}}; a mailbox id starting "x-" cannot be opened.
 MAIL: dict[str, dict[str, list[bytes]]] = {}
+# {box: called in the provider before each batch but the first}
+BEFORE_NEXT_BATCH: dict[str, Callable[[], None]] = {}
 
 
 class InMemoryTenant(Provider):
@@ -88,6 +92,8 @@ class InMemoryTenant(Provider):
         messages = MAIL[self.config["box"]][mailbox.id]
         start = int((cursor or {}).get("next", 0))
         for index in range(start, len(messages), 2):
+            if index > start and self.config["box"] in BEFORE_NEXT_BATCH:
+                BEFORE_NEXT_BATCH[self.config["box"]]()
             part = messages[index : index + 2]
             fetched = [
                 FetchedMessage(raw, ("Inbox",), f"{mailbox.id}:{index + i}")
@@ -319,4 +325,77 @@ def test_work_an_emptied_queue_lost_is_sent_again_at_once(
     jobs.mailboxes[:] = [(run_id, "a")]  # other tests' leftovers are not this test's
     drain(ctx)
     assert run_row(ctx, run_id).messages_archived == 3
+    assert status(ctx, source_id) == "active"
+
+
+def heartbeat_of(ctx: EngineContext, run_id: str, mailbox: str) -> object:
+    with ctx.database.unit_of_work() as uow:
+        return uow.session.scalar(
+            select(RunMailbox.heartbeat_at).where(
+                RunMailbox.run_id == run_id, RunMailbox.mailbox == mailbox
+            )
+        )
+
+
+def test_the_heartbeat_beats_while_held_and_goes_quiet_in_a_hung_batch(
+    grpc_server: object, ctx: EngineContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    source_id = new_source(ctx, {"a": mail(2, "a")})
+    run_id = claim(ctx, source_id)
+    runs.start_run(ctx, *queue(ctx).runs.pop(0), final_attempt=True)
+    queue(ctx).mailboxes.clear()  # the job was taken by this "worker"
+    with ctx.database.unit_of_work() as uow:
+        held = lifecycle.claim_mailbox(uow, run_id, "a", ctx.stale_after)
+        uow.commit()
+    assert held is not None
+    claimed_at = heartbeat_of(ctx, run_id, "a")
+    with MailboxHeartbeat(ctx.database, held, timedelta(seconds=1)):
+        wait_for(
+            lambda: heartbeat_of(ctx, run_id, "a"),
+            lambda beat: beat != claimed_at,
+            timeout=30,
+            what="a heartbeat",
+        )
+    last_beat = heartbeat_of(ctx, run_id, "a")
+    with MailboxHeartbeat(ctx.database, held, timedelta(seconds=1), hung_after=0.0):
+        wait_for(lambda: caplog.text, lambda text: "no longer reported alive" in text, timeout=30)
+    assert heartbeat_of(ctx, run_id, "a") == last_beat  # quiet: the watchdog may take it
+    scheduler.revive_lost_mailboxes(dataclasses.replace(ctx, stale_after=timedelta(0)))
+    drain(ctx)
+    assert run_row(ctx, run_id).messages_archived == 2
+
+
+def test_a_job_whose_mailbox_was_taken_over_stores_nothing_more(
+    grpc_server: object, ctx: EngineContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    messages = mail(4, "taken")
+    source_id = new_source(ctx, {"a": messages})
+    box = next(box for box, served in MAIL.items() if served.get("a") is messages)
+    run_id = claim(ctx, source_id)
+
+    def taken_over() -> None:
+        # Once the first batch is committed, another worker takes the mailbox,
+        # and this job's heartbeat notices before its next batch arrives.
+        wait_for(lambda: run_row(ctx, run_id).messages_archived, lambda n: n == 2, timeout=30)
+        with ctx.database.unit_of_work() as uow:
+            uow.session.execute(
+                update(RunMailbox)
+                .where(RunMailbox.run_id == run_id)
+                .values(lease=new_id(), heartbeat_at=func.now())
+            )
+            uow.commit()
+        wait_for(lambda: caplog.text, lambda text: "lost the lease" in text, timeout=30)
+        del BEFORE_NEXT_BATCH[box]
+
+    BEFORE_NEXT_BATCH[box] = taken_over
+    runs.start_run(ctx, *queue(ctx).runs.pop(0), final_attempt=True)
+    assert queue(ctx).mailboxes.pop(0) == (run_id, "a")
+    mailboxes.ingest_mailbox(ctx, run_id, "a", final_attempt=True)
+    assert run_row(ctx, run_id).messages_archived == 2
+    # Not even the blobs of the second batch were written.
+    assert [ctx.blobs.exists(sha256_hex(raw)) for raw in messages] == [True, True, False, False]
+    assert mailbox_states(ctx, run_id) == {"a": "running"}  # the other worker's now
+    scheduler.revive_lost_mailboxes(dataclasses.replace(ctx, stale_after=timedelta(0)))
+    drain(ctx)
+    assert run_row(ctx, run_id).messages_archived == 4
     assert status(ctx, source_id) == "active"

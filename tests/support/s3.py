@@ -1,5 +1,6 @@
-"""A real S3-protocol server for tests and benchmarks: moto's `moto_server`, in a
-process of its own, on a free port.
+"""A real S3-protocol server for tests and benchmarks: moto's server, in a process
+of its own, on a free port (started by `moto_main.py`: moto's `moto_server`, less
+per-request costs that are not S3's).
 
 `s3_server()` is a context manager usable anywhere (tests, bench scripts, a
 two-node test); the `s3` fixture is one server for the whole session. Each user
@@ -12,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -117,11 +117,8 @@ def credentials_in_environment() -> Iterator[None]:
 
 
 def _moto_server_command(port: int) -> list[str]:
-    script = Path(sys.executable).with_name("moto_server")
-    found = str(script) if script.exists() else shutil.which("moto_server")
-    if found is None:
-        raise RuntimeError("moto_server is missing: pip install 'moto[server]'")
-    return [found, "-H", HOST, "-p", str(port)]
+    # moto's own `moto_server`, less its per-request costs that are not S3's.
+    return [sys.executable, str(Path(__file__).with_name("moto_main.py")), HOST, str(port)]
 
 
 def _answers(url: str) -> bool:

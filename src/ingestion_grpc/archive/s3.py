@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
     from botocore.response import StreamingBody
     from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import PutObjectOutputTypeDef, PutObjectRequestTypeDef
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,11 @@ PUT_CONCURRENCY = 16
 # How a store says "no such object" (a HEAD's 404 has no body, hence "404").
 # NoSuchBucket is not among them: a missing bucket is an outage, not a missing blob.
 _NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+# How a store refuses a conditional PUT: the object exists (412), or another
+# conditional write of the same key is under way (409, S3's own).
+_CONDITION_REFUSED_CODES = frozenset(
+    {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+)
 
 
 class BlobStoreUnavailable(Unavailable):
@@ -59,6 +65,10 @@ class BlobStoreUnavailable(Unavailable):
 
 class BlobWriteMismatch(BlobStoreUnavailable):
     """Raised when the store's answer to a PUT does not match the bytes sent."""
+
+
+class _ConditionRefused(Exception):
+    """Raised when a conditional PUT was refused: the object is there already."""
 
 
 def s3_client(endpoint_url: str | None = None, *, max_attempts: int = 5) -> S3Client:
@@ -162,35 +172,32 @@ class S3BlobStore(BlobStore):
         return f"{self.prefix}/{name[:2]}/{name}" if self.prefix else f"{name[:2]}/{name}"
 
     def _store(self, item: tuple[str, bytes]) -> None:
-        """PUT one blob unless the bucket holds it whole; check what the store says."""
+        """PUT one blob unless the bucket holds it whole; check what the store says.
+
+        One request for a new blob: the PUT is conditional (`If-None-Match: *`), so
+        a blob the bucket holds already is not written again. A store that ignores
+        the condition overwrites the object with the same bytes (its name is their
+        SHA-256), which is harmless.
+        """
         name, data = item
         key = self._key(name)
-        found = self._stored_size(key)
-        if found == len(data):
-            return  # names are content: the same bytes are stored
-        if found is not None:
-            log.warning(
-                "blob %s has %d bytes in the bucket, expected %d: rewriting it",
-                name,
-                found,
-                len(data),
-            )
         checksum = base64.b64encode(binascii.unhexlify(name)).decode("ascii")
         try:
-            response = self._client.put_object(
-                Bucket=self.bucket,
-                Key=key,
-                Body=data,
-                ContentLength=len(data),
-                ChecksumAlgorithm="SHA256",
-                ChecksumSHA256=checksum,
-            )
-        except ClientError as error:
-            raise BlobStoreUnavailable(
-                f"object store bucket {self.bucket}: {_code(error)} storing blob {name}"
-            ) from None
-        except BotoCoreError as error:
-            raise self._unreachable(error) from None
+            response = self._put(name, key, data, checksum, only_if_absent=True)
+        except _ConditionRefused:
+            # Stored already (412), or another worker is writing it now (409):
+            # keep what is there if it is whole.
+            found = self._stored_size(key)
+            if found == len(data):
+                return
+            if found is not None:
+                log.warning(
+                    "blob %s has %d bytes in the bucket, expected %d: rewriting it",
+                    name,
+                    found,
+                    len(data),
+                )
+            response = self._put(name, key, data, checksum)
         echoed = response.get("ChecksumSHA256")
         if echoed == checksum:
             # The store computed the SHA-256 of the body it received and kept it
@@ -204,6 +211,32 @@ class S3BlobStore(BlobStore):
             raise BlobWriteMismatch(
                 f"the object store holds {stored} bytes of blob {name}, expected {len(data)}"
             )
+
+    def _put(
+        self, name: str, key: str, data: bytes, checksum: str, *, only_if_absent: bool = False
+    ) -> PutObjectOutputTypeDef:
+        """PutObject with the blob's SHA-256; `_ConditionRefused` when `only_if_absent`
+        and the store says the object exists."""
+        request: PutObjectRequestTypeDef = {
+            "Bucket": self.bucket,
+            "Key": key,
+            "Body": data,
+            "ContentLength": len(data),
+            "ChecksumAlgorithm": "SHA256",
+            "ChecksumSHA256": checksum,
+        }
+        if only_if_absent:
+            request["IfNoneMatch"] = "*"
+        try:
+            return self._client.put_object(**request)
+        except ClientError as error:
+            if only_if_absent and _code(error) in _CONDITION_REFUSED_CODES:
+                raise _ConditionRefused from None
+            raise BlobStoreUnavailable(
+                f"object store bucket {self.bucket}: {_code(error)} storing blob {name}"
+            ) from None
+        except BotoCoreError as error:
+            raise self._unreachable(error) from None
 
     def _stored_size(self, key: str) -> int | None:
         try:

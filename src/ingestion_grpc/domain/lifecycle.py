@@ -573,6 +573,20 @@ def held(claim: MailboxClaim) -> Update:
     )
 
 
+def report_alive(uow: UnitOfWork, claim: MailboxClaim) -> bool:
+    """Refresh the claimed mailbox's heartbeat; False once the lease is lost
+    (the watchdog gave the mailbox to another worker)."""
+    return (
+        uow.session.execute(
+            held(claim)
+            .where(RunMailbox.state == MailboxState.RUNNING)
+            .values(heartbeat_at=now())
+            .returning(RunMailbox.run_id)
+        ).first()
+        is not None
+    )
+
+
 def release_mailbox(
     uow: UnitOfWork,
     claim: MailboxClaim,

@@ -9,6 +9,10 @@ provider while this one is stored (`read_ahead`), but nothing commits before its
 bytes are durable: the cursor never moves past a message that is not durably
 archived, and a worker killed at any point leaves a cursor from which the next
 one resumes.
+
+Between batches, and during one that takes long, `MailboxHeartbeat` reports the
+mailbox alive (`engine/heartbeat.py`), so a slow batch never looks like a dead
+worker.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from ingestion_grpc.db.session import Database, UnitOfWork, ping
 from ingestion_grpc.domain import lifecycle
 from ingestion_grpc.domain.lifecycle import RUN_STATUS, MailboxClaim, MailboxState, RunKind
 from ingestion_grpc.engine.context import EngineContext
+from ingestion_grpc.engine.heartbeat import MailboxHeartbeat
 from ingestion_grpc.engine.read_ahead import ReadAhead
 from ingestion_grpc.engine.runs import finish_if_complete
 from ingestion_grpc.errors import (
@@ -106,7 +111,8 @@ def _ingest_claimed(
     started = time.monotonic()
     outcome = "retry"
     try:
-        _ingest(ctx, claim, provider, cursor)
+        with MailboxHeartbeat(ctx.database, claim, ctx.stale_after) as heartbeat:
+            _ingest(ctx, claim, provider, cursor, heartbeat)
     except Released as released:
         outcome = released.outcome
     except DatabaseUnavailable:
@@ -179,7 +185,11 @@ def _claim(
 
 
 def _ingest(
-    ctx: EngineContext, claim: MailboxClaim, provider: Provider, cursor: JsonDict | None
+    ctx: EngineContext,
+    claim: MailboxClaim,
+    provider: Provider,
+    cursor: JsonDict | None,
+    heartbeat: MailboxHeartbeat,
 ) -> None:
     started = time.monotonic()
     context = FetchContext(
@@ -189,6 +199,9 @@ def _ingest(
     reader = ReadAhead(fetch, name=f"read {claim.mailbox}")
     with reader as batches, ThreadPoolExecutor(1, thread_name_prefix="blobs") as blob_writer:
         for batch in batches:
+            if heartbeat.lost:
+                # Another worker holds the mailbox now: store nothing more of it.
+                raise Released("lost_lease")
             raws = [m.raw for m in batch.messages]
             stop: str | None = None
             with ctx.database.unit_of_work() as uow:
@@ -215,7 +228,9 @@ def _ingest(
                 uow.commit()
             # Counted once committed, so the metrics never run ahead of the archive.
             counts.count(provider.name)
+            heartbeat.batch_committed()
             if stop is not None:
+                heartbeat.stop()
                 raise Released(stop)
 
 

@@ -36,7 +36,8 @@ RETRY_OPTIONS: dict[str, Any] = {
     "min_backoff": 5_000,
     "max_backoff": 300_000,
     # A mailbox yields its worker every engine.mailboxes.SLICE_SECONDS; this
-    # limit only catches a provider call that hangs.
+    # limit only catches a provider call that hangs (one it cannot interrupt, in
+    # C code, is caught by engine.heartbeat.HUNG_BATCH_SECONDS, as long).
     "time_limit": 3_600_000,
 }
 

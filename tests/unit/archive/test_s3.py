@@ -1,6 +1,7 @@
 """What only the S3 backend promises, against a real S3-protocol server
-(moto_server): its key layout, the SHA-256 sent with every PUT, no PUT for a blob
-already stored, and outages as `Unavailable`, never as a missing blob.
+(moto_server): its key layout, the SHA-256 sent with every PUT, one request for a
+new blob and no rewrite of one already stored, and outages as `Unavailable`,
+never as a missing blob.
 (The conformance suite in test_blobstore.py runs against it too.)"""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import base64
 import hashlib
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
@@ -49,6 +51,25 @@ def puts(s3_archive: S3Archive) -> Iterator[list[dict[str, Any]]]:
     events.unregister("provide-client-params.s3.PutObject", record)
 
 
+@pytest.fixture
+def requests_sent(s3_archive: S3Archive) -> Iterator[list[tuple[str, str, str | None]]]:
+    """(method, object key, If-None-Match) of every HTTP request the test's stores
+    send, retries included (botocore's before-send hook; removed after the test)."""
+    sent: list[tuple[str, str, str | None]] = []
+    prefix = f"/{s3_archive.bucket}/"
+
+    def record(request: Any, **_: Any) -> None:
+        path = unquote(urlsplit(request.url).path)
+        key = path[len(prefix) :] if path.startswith(prefix) else path
+        condition = request.headers.get("If-None-Match")
+        sent.append((request.method, key, None if condition is None else condition.decode()))
+
+    events = s3_archive.client.meta.events
+    events.register("before-send.s3", record)
+    yield sent
+    events.unregister("before-send.s3", record)
+
+
 def test_keys_are_prefix_folder_digest(s3_archive: S3Archive, store: S3BlobStore) -> None:
     digest = store.put(b"layout")
     listed = s3_archive.client.list_objects_v2(Bucket=s3_archive.bucket)["Contents"]
@@ -73,19 +94,51 @@ def test_every_put_sends_the_sha256_and_the_store_keeps_it(
     assert head["ContentLength"] == len(data)
 
 
-def test_a_stored_blob_is_not_sent_again(store: S3BlobStore, puts: list[dict[str, Any]]) -> None:
+def test_a_new_blob_costs_one_request(
+    store: S3BlobStore, requests_sent: list[tuple[str, str, str | None]]
+) -> None:
+    blobs = [f"new message {i}".encode() for i in range(10)]
+    store.put(blobs[0])
+    store.put_many(blobs[1:])
+    assert sorted(requests_sent) == sorted(
+        ("PUT", store.key(sha256_hex(data)), "*") for data in blobs
+    )
+    assert [store.read(sha256_hex(data)) for data in blobs] == blobs
+
+
+def test_a_stored_blob_is_not_written_again(
+    s3_archive: S3Archive, store: S3BlobStore, requests_sent: list[tuple[str, str, str | None]]
+) -> None:
     blobs = [f"message {i}".encode() for i in range(20)]
-    store.put_many(blobs[:10])
-    puts.clear()
-    assert store.put_many(blobs) == [sha256_hex(b) for b in blobs]
-    assert sorted(p["Key"] for p in puts) == sorted(store.key(sha256_hex(b)) for b in blobs[10:])
+    stored = [store.key(sha256_hex(data)) for data in blobs[:10]]
+    new = [store.key(sha256_hex(data)) for data in blobs[10:]]
+    for key, data in zip(stored, blobs, strict=False):
+        # Stored before, with a mark that a rewrite would not keep.
+        s3_archive.client.put_object(
+            Bucket=s3_archive.bucket, Key=key, Body=data, Metadata={"stored": "before"}
+        )
+    requests_sent.clear()
+    assert store.put_many(blobs) == [sha256_hex(data) for data in blobs]
+    # A refused conditional PUT and a HEAD for each stored one; one PUT for each new one.
+    assert sorted(requests_sent) == sorted(
+        [("PUT", key, "*") for key in stored + new] + [("HEAD", key, None) for key in stored]
+    )
+    for key in stored:
+        head = s3_archive.client.head_object(Bucket=s3_archive.bucket, Key=key)
+        assert head["Metadata"] == {"stored": "before"}
+    assert [store.read(sha256_hex(data)) for data in blobs] == blobs
 
 
-def test_a_damaged_object_is_rewritten(s3_archive: S3Archive, store: S3BlobStore) -> None:
+def test_a_damaged_object_is_rewritten(
+    s3_archive: S3Archive, store: S3BlobStore, requests_sent: list[tuple[str, str, str | None]]
+) -> None:
     data = b"whole message"
     digest = sha256_hex(data)
-    s3_archive.client.put_object(Bucket=s3_archive.bucket, Key=store.key(digest), Body=b"whole")
+    key = store.key(digest)
+    s3_archive.client.put_object(Bucket=s3_archive.bucket, Key=key, Body=b"whole")
+    requests_sent.clear()
     assert store.put(data) == digest
+    assert requests_sent == [("PUT", key, "*"), ("HEAD", key, None), ("PUT", key, None)]
     assert store.read(digest) == data
 
 
