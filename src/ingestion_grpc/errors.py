@@ -32,6 +32,18 @@ class Conflict(IngestionError):
     """Raised when the resource is in a state that forbids the request."""
 
 
+class DatabaseConflict(Conflict):
+    """Raised when PostgreSQL aborted a transaction to break a deadlock, or for a
+    serialization conflict, with concurrent work on the same rows (`db/session.py`
+    turns the driver's error into this one). The same transaction again normally
+    passes: `db.session.retry_on_conflict`."""
+
+    def __init__(
+        self, message: str = "Concurrent work on the same records stopped this change; try again."
+    ) -> None:
+        super().__init__(message)
+
+
 class FailedPrecondition(IngestionError):
     """Raised when the instance's settings forbid the request."""
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psycopg
 import pytest
 import redis
 import requests
@@ -15,6 +17,7 @@ from ingestion_grpc.db.models import IngestionSource, SyncSession
 from ingestion_grpc.jobs import messages
 from ingestion_grpc.server import RunningServer
 from tests.support.fake_tenant import tenant_config
+from tests.support.polling import wait_for
 from tests.support.rest import Rest
 from tests.support.services import REDIS_URL
 
@@ -253,6 +256,49 @@ def test_delete_is_refused_until_enabled_then_204(user: Rest, admin: Rest) -> No
         assert deleted.content == b""
         assert user.get(path).status_code == 404
         assert user.delete(path).status_code == 404
+    finally:
+        admin.put("/v1/settings/system", json={"enableDeletion": False})
+
+
+def test_a_delete_that_deadlocks_with_concurrent_work_is_run_again_and_succeeds(
+    user: Rest, admin: Rest, database_url: str
+) -> None:
+    """Another transaction (a worker ending a run, say) holds the source's run and
+    then wants the source while the delete holds the source and wants its runs:
+    PostgreSQL aborts the delete, which is run again once the other has committed
+    (it was a 500 before)."""
+    source = create(user)
+    path = f"/v1/ingestion-sources/{source['id']}"
+    assert admin.put("/v1/settings/system", json={"enableDeletion": True}).status_code == 200
+    try:
+        with (
+            psycopg.connect(database_url) as other,
+            psycopg.connect(database_url, autocommit=True) as watcher,
+        ):
+            other.execute(
+                "UPDATE sync_sessions SET heartbeat_at = now() WHERE source_id = %s",
+                (source["id"],),
+            )
+            with ThreadPoolExecutor(1) as pool:
+                deleting = pool.submit(user.delete, path)
+                # The delete now holds the source row and waits for the run's row.
+                wait_for(
+                    # Not `other`: a transaction sees one snapshot of pg_stat_activity.
+                    lambda: watcher.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND query LIKE 'DELETE FROM ingestion_sources%'"
+                    ).fetchone(),
+                    lambda row: row is not None and row[0] == 1,
+                    what="the delete to wait for the run's row",
+                )
+                other.execute(
+                    "UPDATE ingestion_sources SET last_sync_status_message = 'x' WHERE id = %s",
+                    (source["id"],),
+                )
+                other.commit()
+                deleted = deleting.result(timeout=30)
+        assert deleted.status_code == 204, deleted.text
+        assert user.get(path).status_code == 404
     finally:
         admin.put("/v1/settings/system", json={"enableDeletion": False})
 

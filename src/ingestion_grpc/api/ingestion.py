@@ -17,7 +17,7 @@ from ingestion_grpc.api.mapping import (
     source_to_proto,
     sync_session_to_proto,
 )
-from ingestion_grpc.db.session import Database
+from ingestion_grpc.db.session import Database, retry_on_conflict
 from ingestion_grpc.domain.lifecycle import RunKind
 from ingestion_grpc.domain.sources import SourceChanges, SourceService
 
@@ -71,6 +71,7 @@ class IngestionServicer(ingestion_service_pb2_grpc.IngestionServiceServicer):
         with self._database.unit_of_work() as uow:
             return source_to_proto(self._sources.get(uow, current_principal(), request.id))
 
+    @retry_on_conflict
     def UpdateIngestionSource(
         self, request: pb.UpdateIngestionSourceRequest, context: grpc.ServicerContext
     ) -> resources_pb2.IngestionSource:
@@ -85,6 +86,7 @@ class IngestionServicer(ingestion_service_pb2_grpc.IngestionServiceServicer):
             uow.commit()
         return source_to_proto(source)
 
+    @retry_on_conflict
     def DeleteIngestionSource(
         self, request: pb.DeleteIngestionSourceRequest, context: grpc.ServicerContext
     ) -> empty_pb2.Empty:
@@ -99,6 +101,7 @@ class IngestionServicer(ingestion_service_pb2_grpc.IngestionServiceServicer):
     ) -> pb.OperationAcceptedResponse:
         return self._start_run(request.id, RunKind.IMPORT, context)
 
+    @retry_on_conflict
     def PauseIngestionSource(
         self, request: pb.PauseIngestionSourceRequest, context: grpc.ServicerContext
     ) -> resources_pb2.IngestionSource:

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from types import TracebackType
+from typing import ParamSpec, TypeVar
 
 import psycopg
+import tenacity
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.orm import Session, sessionmaker
 
-from ingestion_grpc.errors import DatabaseUnavailable
+from ingestion_grpc.errors import DatabaseConflict, DatabaseUnavailable
 
 # SQLSTATEs that mean "no server to talk to": connection exceptions (class 08),
 # and a server shutting down, crashed, or still starting up.
 _UNREACHABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03")
+# A transaction PostgreSQL aborted so that a concurrent one could go on: a
+# deadlock, a serialization failure. Its docs advise running it again.
+_CONFLICT_SQLSTATES = ("40P01", "40001")
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 
 def sqlalchemy_url(database_url: str) -> str:
@@ -27,14 +35,22 @@ def sqlalchemy_url(database_url: str) -> str:
 
 def make_engine(database_url: str) -> Engine:
     engine = create_engine(sqlalchemy_url(database_url), pool_pre_ping=True, pool_size=10)
-    event.listen(engine, "handle_error", _unreachable, retval=True)
+    event.listen(engine, "handle_error", _translated, retval=True)
     return engine
+
+
+def _translated(context: ExceptionContext) -> DatabaseUnavailable | DatabaseConflict | None:
+    """The driver's errors that callers act on, as our own; others stay as they are."""
+    sqlstate = getattr(context.original_exception, "sqlstate", None)
+    if sqlstate in _CONFLICT_SQLSTATES:
+        return DatabaseConflict()
+    return _unreachable(context)
 
 
 def _unreachable(context: ExceptionContext) -> DatabaseUnavailable | None:
     """A database that cannot be reached becomes DatabaseUnavailable (503 for the
     API; for a worker, a cue to hand its mailbox back once the database answers).
-    Other errors (a constraint, a deadlock, a bad statement) stay as they are.
+    Other errors (a constraint, a bad statement) stay as they are.
 
     SQLAlchemy invalidates a broken connection before raising this, so the next
     unit of work gets a new one.
@@ -49,6 +65,20 @@ def _unreachable(context: ExceptionContext) -> DatabaseUnavailable | None:
     ):
         return DatabaseUnavailable()
     return None
+
+
+def retry_on_conflict(transaction: Callable[_P, _T]) -> Callable[_P, _T]:
+    """Run `transaction` (a whole unit of work, from its start to its commit) again
+    when PostgreSQL aborted it for a deadlock with concurrent work: a source deleted
+    while a worker or the scheduler updates its runs, say. A third abort is the
+    caller's DatabaseConflict (409)."""
+    retrying = tenacity.retry(
+        retry=tenacity.retry_if_exception_type(DatabaseConflict),
+        stop=tenacity.stop_after_attempt(3),
+        wait=tenacity.wait_random(0.05, 0.25),
+        reraise=True,
+    )
+    return retrying(transaction)
 
 
 def ping(engine: Engine) -> None:
